@@ -1,0 +1,192 @@
+"""Every hyperparameter, as nested dataclasses, and the command-line overrides that change them.
+
+Override any key as `--section.key VALUE` or `--section.key=VALUE`; values are typed from the
+field. `--config FILE.json` is applied first, `--preset NAME` before that. Unknown keys are
+errors that list the close matches. This module imports no torch, so every other module can use it.
+"""
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass, field
+
+
+@dataclass
+class DataConfig:
+    dir: str = "data/synthetic"        # folder of .h5 cases; if it holds none, a synthetic set is generated there
+    synthetic_cases: int = 48          # cases generated when data.dir is empty
+    mode: str = "resize"               # "resize": whole volume resized to image_size; "patch": random patches
+    image_size: tuple = (64, 64, 64)   # resize target (D, H, W); one int means a cube
+    patch_size: tuple = (64, 64, 64)   # patch mode: patch size (D, H, W); one int means a cube
+    foreground_fraction: float = 0.33  # patch mode: share of patches centred on tumour
+    channels: int = 4                  # image channels (FLAIR, T1, T1ce, T2)
+    image_key: str = "image"           # .h5 dataset holding the image (e.g. "raw")
+    mask_key: str = "mask"             # .h5 dataset holding the mask (e.g. "label")
+    channel_last: str = "auto"         # image axis order: "auto" detects, "true" (D,H,W,C), "false" (C,D,H,W)
+    label_map: str = ""                # label renaming before use, e.g. "3:4" for BraTS 2023+ labels
+    val_fraction: float = 0.15         # share of cases (patients) held out for validation
+    test_fraction: float = 0.15        # share of cases (patients) held out for the final test
+    split_seed: int = 0                # seed of the per-case split (saved as split.json in the run)
+    num_workers: int = 1               # DataLoader worker processes (0 loads in the main process)
+    augment: bool = True               # training augmentation on/off
+    flip_prob: float = 0.5             # probability of a flip, per axis
+    rot90_prob: float = 0.5            # probability of a random 90-degree turn in the axial plane
+    rotate_prob: float = 0.2           # probability of a small-angle rotation
+    max_rotate_deg: float = 15.0       # small-angle rotation range, +- degrees about each axis
+
+
+@dataclass
+class ModelConfig:
+    dims: int = 3                      # 3 for volumes, 2 for slices
+    in_channels: int = 4               # input channels (must equal data.channels)
+    out_channels: int = 3              # output channels: WT, TC, ET as sigmoid maps
+    base_channels: int = 16            # width of the first stage; doubles each stage
+    max_channels: int = 320            # cap on a stage's width (as in nnU-Net)
+    depth: int = 3                     # number of downsamplings; inputs must be divisible by 2**depth
+    norm: str = "instance"             # "instance" | "batch" | "group"
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 40                   # maximum epochs
+    batch_size: int = 2                # samples per step
+    lr: float = 1e-3                   # Adam learning rate
+    weight_decay: float = 0.0          # Adam weight decay
+    dice_weight: float = 1.0           # weight of soft Dice in the loss
+    bce_weight: float = 1.0            # weight of BCE-with-logits in the loss
+    grad_clip: float = 12.0            # max gradient norm (0 disables clipping)
+    lr_patience: int = 3               # ReduceLROnPlateau: epochs without val-loss improvement before cutting lr
+    lr_factor: float = 0.5             # ReduceLROnPlateau: lr multiplier
+    patience: int = 10                 # early stopping: epochs without val-Dice improvement
+    max_minutes: float = 0.0           # stop after this many minutes of training (0: no limit)
+    amp: bool = True                   # mixed precision on CUDA (ignored on CPU)
+    device: str = "auto"               # "auto" (CUDA when available), "cuda" or "cpu"
+    seed: int = 0                      # seed for weights, sampling and augmentation
+    out_dir: str = "runs"              # runs are written to out_dir/name
+    name: str = ""                     # run folder name; empty: a timestamp
+    overwrite: bool = False            # allow writing into an existing, non-empty run folder
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"                # "test" | "val" | "all"
+    threshold: float = 0.5             # sigmoid threshold for each region
+    batch_size: int = 1                # cases per forward pass during validation
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# Presets: named override sets, applied before --config and command-line overrides.
+PRESETS = {
+    "tiny": {"data.synthetic_cases": 12, "data.image_size": 32, "train.epochs": 2, "model.base_channels": 8},
+}
+
+SIZE_KEYS = {"image_size", "patch_size"}
+
+
+def parse_size(text):
+    """'64' -> (64, 64, 64); '64,64,48' or [64, 64, 48] -> (64, 64, 48)."""
+    if isinstance(text, int):
+        return (text,) * 3
+    if isinstance(text, (list, tuple)):
+        values = tuple(int(v) for v in text)
+    else:
+        values = tuple(int(v) for v in str(text).strip("[]() ").replace(" ", "").split(",") if v)
+    if len(values) == 1:
+        values *= 3
+    if len(values) not in (2, 3) or min(values) <= 0:
+        raise ValueError(f"size {text!r}: expected one positive int or three, comma-separated")
+    return values
+
+
+def parse_value(section, name, current, text):
+    """Type a command-line string from the field it overrides."""
+    if name in SIZE_KEYS:
+        return parse_size(text)
+    if isinstance(current, bool):
+        lowered = str(text).lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"--{section}.{name}: expected true or false, got {text!r}")
+    try:
+        return type(current)(text)
+    except ValueError:
+        raise ValueError(f"--{section}.{name}: expected {type(current).__name__}, got {text!r}") from None
+
+
+def all_keys(cfg):
+    return [f"{s.name}.{f.name}" for s in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, s.name))]
+
+
+def set_key(cfg, key, value, from_text=True):
+    """Set 'section.name' on cfg; an unknown key raises KeyError listing the close matches."""
+    section, _, name = key.partition(".")
+    part = getattr(cfg, section, None)
+    if part is None or not dataclasses.is_dataclass(part) or name not in {f.name for f in dataclasses.fields(part)}:
+        close = difflib.get_close_matches(key, all_keys(cfg), n=4, cutoff=0.5)
+        hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
+        raise KeyError(f"unknown config key --{key}{hint}")
+    current = getattr(part, name)
+    if from_text or name in SIZE_KEYS:
+        value = parse_value(section, name, current, value)
+    setattr(part, name, value)
+
+
+def apply_dict(cfg, overrides):
+    """Apply {'section.key': value} or {'section': {'key': value}} (as in config.json)."""
+    for key, value in overrides.items():
+        if isinstance(value, dict):
+            for name, inner in value.items():
+                set_key(cfg, f"{key}.{name}", inner, from_text=False)
+        else:
+            set_key(cfg, key, value, from_text=isinstance(value, str))
+    return cfg
+
+
+def split_args(argv):
+    """Split argv into {'section.key': 'text'} pairs and the remaining arguments."""
+    pairs, rest, i = {}, [], 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg.startswith("--") and "." in arg.split("=")[0]:
+            key, eq, value = arg[2:].partition("=")
+            if not eq:
+                if i + 1 >= len(argv):
+                    raise ValueError(f"{arg}: missing value")
+                value, i = argv[i + 1], i + 1
+            pairs[key] = value
+        else:
+            rest.append(arg)
+        i += 1
+    return pairs, rest
+
+
+def build_config(pairs, preset=None, config_file=None, base=None):
+    """Defaults (or base), then preset, then config file, then command-line pairs."""
+    cfg = base or Config()
+    if preset:
+        if preset not in PRESETS:
+            raise KeyError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
+        apply_dict(cfg, PRESETS[preset])
+    if config_file:
+        with open(config_file) as f:
+            apply_dict(cfg, json.load(f))
+    for key, value in pairs.items():
+        set_key(cfg, key, value)
+    return cfg
+
+
+def to_dict(cfg):
+    """Plain nested dict (lists, not tuples), as written to config.json and into checkpoints."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def from_dict(data):
+    return apply_dict(Config(), data)

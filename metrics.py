@@ -1,0 +1,71 @@
+"""BraTS scores for one case, computed from voxel counts at the case's native resolution.
+
+Per region: Dice, IoU, sensitivity, specificity and HD95 (mm). The BraTS rules for empty
+regions: truth and prediction both empty -> Dice 1, IoU 1, HD95 0, sensitivity 1; exactly one
+empty -> Dice 0, IoU 0, HD95 373.13 (the diagonal of the BraTS volume), sensitivity 0 when the
+truth is empty. Summaries are means over cases, never pooled over voxels or batches.
+"""
+import numpy as np
+from scipy import ndimage
+
+EMPTY_HD95 = 373.13
+METRICS = ("dice", "iou", "sensitivity", "specificity", "hd95")
+
+
+def confusion(pred, truth):
+    """Voxel counts (tp, fp, fn, tn) of two boolean arrays."""
+    pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
+    tp = int(np.count_nonzero(pred & truth))
+    fp = int(np.count_nonzero(pred & ~truth))
+    fn = int(np.count_nonzero(~pred & truth))
+    return tp, fp, fn, int(pred.size - tp - fp - fn)
+
+
+def scores_from_counts(tp, fp, fn, tn):
+    """Dice, IoU, sensitivity, specificity with the BraTS empty rules."""
+    if tp + fn == 0:  # empty truth: a perfect answer is an empty prediction
+        hit = 1.0 if fp == 0 else 0.0
+        return {"dice": hit, "iou": hit, "sensitivity": hit, "specificity": tn / max(tn + fp, 1)}
+    return {"dice": 2 * tp / (2 * tp + fp + fn), "iou": tp / (tp + fp + fn),
+            "sensitivity": tp / (tp + fn), "specificity": tn / max(tn + fp, 1)}
+
+
+def _surface(mask):
+    return mask & ~ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(mask.ndim, 1))
+
+
+def hd95(pred, truth, spacing=None):
+    """95th percentile of the symmetric surface distances, in mm (spacing per axis)."""
+    pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
+    if not pred.any() and not truth.any():
+        return 0.0
+    if not pred.any() or not truth.any():
+        return EMPTY_HD95
+    spacing = spacing or (1.0,) * pred.ndim
+    pred_surface, truth_surface = _surface(pred), _surface(truth)
+    to_truth = ndimage.distance_transform_edt(~truth_surface, sampling=spacing)[pred_surface]
+    to_pred = ndimage.distance_transform_edt(~pred_surface, sampling=spacing)[truth_surface]
+    return float(np.percentile(np.concatenate([to_truth, to_pred]), 95))
+
+
+def score_case(pred_regions, truth_regions, region_names, spacing=None, with_hd95=True):
+    """{region: {metric: value}} for one case; inputs are (R, *spatial) boolean arrays."""
+    scores = {}
+    for name, pred, truth in zip(region_names, pred_regions, truth_regions):
+        scores[name] = scores_from_counts(*confusion(pred, truth))
+        if with_hd95:
+            scores[name]["hd95"] = hd95(pred, truth, spacing)
+    return scores
+
+
+def summarise(per_case, region_names):
+    """Mean, std and median over cases of every metric; `per_case` is a list of score_case outputs."""
+    summary = {}
+    for name in region_names:
+        summary[name] = {}
+        for metric in per_case[0][name] if per_case else ():
+            values = np.array([case[name][metric] for case in per_case], dtype=float)
+            summary[name][metric] = float(values.mean())
+            summary[name][f"{metric}_std"] = float(values.std())
+            summary[name][f"{metric}_median"] = float(np.median(values))
+    return summary

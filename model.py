@@ -1,0 +1,84 @@
+"""A hand-written UNet for 3D volumes (or 2D slices): plain arguments in, logits out.
+
+Stage i of the encoder is two 3x3(x3) conv-norm-LeakyReLU layers, the first with stride 2 for
+i > 0 (nnU-Net's strided downsampling: it keeps the convolutions large and dense, which is what
+lets a step run near the machine's matmul ceiling). The decoder upsamples with transposed
+convolutions, concatenates the skip connection and applies another double conv. A 1x1(x1) conv
+head returns one logit map per output channel; no sigmoid here.
+"""
+import torch
+from torch import nn
+
+NORMS = ("instance", "batch", "group")
+
+
+def make_norm(kind, channels, dims):
+    if kind == "instance":
+        return (nn.InstanceNorm3d if dims == 3 else nn.InstanceNorm2d)(channels, affine=True)
+    if kind == "batch":
+        return (nn.BatchNorm3d if dims == 3 else nn.BatchNorm2d)(channels)
+    if kind == "group":
+        return nn.GroupNorm(min(8, channels), channels)
+    raise ValueError(f"unknown norm {kind!r}; choose one of {NORMS}")
+
+
+class ConvBlock(nn.Sequential):
+    """Two conv-norm-activation layers; the first may downsample with its stride."""
+
+    def __init__(self, in_ch, out_ch, dims, norm, stride=1):
+        conv = nn.Conv3d if dims == 3 else nn.Conv2d
+        super().__init__(
+            conv(in_ch, out_ch, 3, stride=stride, padding=1, bias=False), make_norm(norm, out_ch, dims),
+            nn.LeakyReLU(0.01, inplace=True),
+            conv(out_ch, out_ch, 3, padding=1, bias=False), make_norm(norm, out_ch, dims),
+            nn.LeakyReLU(0.01, inplace=True),
+        )
+
+
+class UNet(nn.Module):
+    def __init__(self, in_channels=4, out_channels=3, base_channels=16, depth=3, norm="instance",
+                 dims=3, max_channels=320):
+        super().__init__()
+        if dims not in (2, 3):
+            raise ValueError(f"dims must be 2 or 3, got {dims}")
+        if depth < 1:
+            raise ValueError(f"depth must be at least 1, got {depth}")
+        self.dims, self.depth = dims, depth
+        widths = [min(base_channels * 2 ** i, max_channels) for i in range(depth + 1)]
+        up = nn.ConvTranspose3d if dims == 3 else nn.ConvTranspose2d
+        conv = nn.Conv3d if dims == 3 else nn.Conv2d
+        self.encoder = nn.ModuleList(
+            [ConvBlock(in_channels, widths[0], dims, norm)]
+            + [ConvBlock(widths[i - 1], widths[i], dims, norm, stride=2) for i in range(1, depth + 1)])
+        self.upsamplers = nn.ModuleList(
+            [up(widths[i + 1], widths[i], 2, stride=2, bias=False) for i in reversed(range(depth))])
+        self.decoder = nn.ModuleList(
+            [ConvBlock(2 * widths[i], widths[i], dims, norm) for i in reversed(range(depth))])
+        self.head = conv(widths[0], out_channels, 1)
+
+    def check_size(self, spatial):
+        step = 2 ** self.depth
+        bad = [s for s in spatial if s % step]
+        if bad:
+            fixes = ", ".join(f"{s} -> {s - s % step} or {s + step - s % step}" for s in bad)
+            raise ValueError(f"input size {tuple(spatial)} must be divisible by 2**depth = {step} "
+                             f"in every spatial axis ({fixes})")
+
+    def forward(self, x):
+        if x.dim() != self.dims + 2:
+            raise ValueError(f"expected a {self.dims + 2}-D batch (N, C, *spatial), got shape {tuple(x.shape)}")
+        self.check_size(x.shape[2:])
+        skips = []
+        for stage in self.encoder:
+            x = stage(x)
+            skips.append(x)
+        skips.pop()  # the bottleneck output is x itself
+        for upsample, stage in zip(self.upsamplers, self.decoder):
+            x = stage(torch.cat([upsample(x), skips.pop()], dim=1))
+        return self.head(x)
+
+
+def build_model(model_cfg):
+    """The UNet described by a ModelConfig."""
+    return UNet(model_cfg.in_channels, model_cfg.out_channels, model_cfg.base_channels, model_cfg.depth,
+                model_cfg.norm, model_cfg.dims, model_cfg.max_channels)

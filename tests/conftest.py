@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny BraTS-like cases written in a temporary folder."""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from cases import write_case  # noqa: E402
+
+
+def blob_case(rng, shape, with_enhancing=True):
+    """A 4-channel 'brain' ball with a nested tumour: edema 2, core 1, enhancing 4."""
+    grid = np.stack(np.meshgrid(*[np.arange(s) for s in shape], indexing="ij"), -1).astype(float)
+    centre = np.array(shape) / 2
+    brain = np.linalg.norm((grid - centre) / (np.array(shape) * 0.45), axis=-1) < 1
+    tumour_centre = centre + rng.uniform(-0.15, 0.15, 3) * np.array(shape)
+    dist = np.linalg.norm(grid - tumour_centre, axis=-1)
+    radius = min(shape) * rng.uniform(0.15, 0.25)
+    mask = np.zeros(shape, np.uint8)
+    mask[(dist < radius) & brain] = 2
+    mask[(dist < radius * 0.6) & brain] = 4 if with_enhancing else 1
+    mask[(dist < radius * 0.3) & brain] = 1
+    means = {0: (100, 200, 150, 120), 1: (250, 90, 60, 300), 2: (300, 120, 160, 320), 4: (260, 110, 500, 260)}
+    image = np.zeros((4, *shape), np.float32)
+    for label, mean in means.items():
+        region = brain & (mask == label)
+        for c in range(4):
+            image[c][region] = mean[c] + rng.normal(0, 15, region.sum())
+    return image, mask
+
+
+def write_blob_dataset(folder, n_cases=6, shape=(20, 24, 22), seed=0):
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n_cases):
+        image, mask = blob_case(rng, shape, with_enhancing=i % 3 != 2)
+        paths.append(write_case(os.path.join(folder, f"case_{i:03d}.h5"), image, mask))
+    return paths
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path):
+    folder = tmp_path / "data"
+    write_blob_dataset(str(folder))
+    return str(folder)

@@ -1,0 +1,115 @@
+"""Pure functions on one case: normalisation, BraTS regions, resizing and augmentation.
+
+Images are float tensors (C, *spatial); masks are label maps (*spatial). Spatial transforms take
+the image and the mask together so they can never drift apart; labels are resampled with
+nearest neighbour. Randomness comes only from the `torch.Generator` passed in.
+"""
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+# BraTS evaluation regions, each a set of labels (2018-21 labels: 1 NCR, 2 ED, 4 ET).
+REGIONS = {"WT": (1, 2, 4), "TC": (1, 4), "ET": (4,)}
+
+
+def zscore_brain(image):
+    """Per-channel z-score over the brain (non-zero voxels); the background stays 0."""
+    image = torch.as_tensor(image, dtype=torch.float32)
+    out = torch.zeros_like(image)
+    for c in range(image.shape[0]):
+        brain = image[c] != 0
+        if brain.any():
+            values = image[c][brain]
+            out[c][brain] = (values - values.mean()) / values.std().clamp_min(1e-8)
+    return out
+
+
+def labels_to_regions(mask, regions=REGIONS):
+    """Label map (*spatial) -> float region channels (len(regions), *spatial): WT, TC, ET."""
+    mask = torch.as_tensor(np.asarray(mask)).long()
+    return torch.stack([torch.isin(mask, torch.tensor(labels)) for labels in regions.values()]).float()
+
+
+def regions_to_labels(regions, enhancing_label=4):
+    """Binary WT/TC/ET channels -> BraTS label map: ET -> 4, TC without ET -> 1, WT without TC -> 2.
+
+    Nested by construction, so an ET voxel outside the predicted TC still counts as ET (as in BraTS
+    post-processing, the more specific region wins).
+    """
+    wt, tc, et = (torch.as_tensor(r).bool() for r in regions)
+    labels = torch.zeros(wt.shape, dtype=torch.uint8)
+    labels[wt] = 2
+    labels[tc] = 1
+    labels[et] = enhancing_label
+    return labels
+
+
+def resize_image(image, size):
+    """Trilinear (bilinear in 2D) resize of (C, *spatial) to `size`."""
+    mode = "trilinear" if len(size) == 3 else "bilinear"
+    return F.interpolate(image[None].float(), size=tuple(size), mode=mode, align_corners=False)[0]
+
+
+def resize_labels(mask, size):
+    """Nearest-neighbour resize of a label map; 'nearest-exact' keeps voxel centres aligned."""
+    return F.interpolate(mask[None, None].float(), size=tuple(size), mode="nearest-exact")[0, 0].to(mask.dtype)
+
+
+def random_flip(image, mask, gen, prob):
+    for axis in range(mask.dim()):
+        if torch.rand((), generator=gen) < prob:
+            image, mask = image.flip(axis + 1), mask.flip(axis)
+    return image, mask
+
+
+def random_rot90(image, mask, gen, prob):
+    """A random number of quarter turns in the axial plane (the last two axes).
+
+    A non-square plane only turns by 180 degrees, so every sample keeps the same shape for batching.
+    """
+    if torch.rand((), generator=gen) < prob:
+        k = int(torch.randint(1, 4, (), generator=gen))
+        if mask.shape[-1] != mask.shape[-2]:
+            k = 2
+        image, mask = image.rot90(k, dims=(-2, -1)), mask.rot90(k, dims=(-2, -1))
+    return image, mask
+
+
+def _rotation_matrix(angles):
+    """Rotation about each axis in turn (3D), or one in-plane rotation (2D), as a torch matrix."""
+    if len(angles) == 1:
+        c, s = math.cos(angles[0]), math.sin(angles[0])
+        return torch.tensor([[c, -s], [s, c]])
+    matrix = torch.eye(3)
+    for axis, angle in enumerate(angles):
+        c, s = math.cos(angle), math.sin(angle)
+        i, j = [a for a in range(3) if a != axis]
+        turn = torch.eye(3)
+        turn[i, i], turn[i, j], turn[j, i], turn[j, j] = c, -s, s, c
+        matrix = turn @ matrix
+    return matrix
+
+
+def random_rotate(image, mask, gen, prob, max_deg):
+    """A small random rotation about the volume centre; image trilinear, labels nearest."""
+    if torch.rand((), generator=gen) >= prob or max_deg <= 0:
+        return image, mask
+    n_angles = 1 if mask.dim() == 2 else 3
+    angles = (torch.rand(n_angles, generator=gen) * 2 - 1) * math.radians(max_deg)
+    matrix = _rotation_matrix(angles.tolist())
+    theta = torch.cat([matrix, torch.zeros(matrix.shape[0], 1)], dim=1)[None]
+    grid = F.affine_grid(theta, (1, 1, *mask.shape), align_corners=False)
+    image = F.grid_sample(image[None], grid, mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+    mask = F.grid_sample(mask[None, None].float(), grid, mode="nearest", padding_mode="zeros",
+                         align_corners=False)[0, 0].to(mask.dtype)
+    return image, mask
+
+
+def augment(image, mask, gen, cfg):
+    """Training augmentation (cfg: DataConfig); the same transform goes to image and mask."""
+    image, mask = random_flip(image, mask, gen, cfg.flip_prob)
+    image, mask = random_rot90(image, mask, gen, cfg.rot90_prob)
+    image, mask = random_rotate(image, mask, gen, cfg.rotate_prob, cfg.max_rotate_deg)
+    return image.contiguous(), mask.contiguous()
