@@ -3,8 +3,14 @@
 The project layout (one file per case):
   image  float32 (C, D, H, W), chunked and lzf-compressed
   mask   uint8   (D, H, W), BraTS 2018-21 labels {0, 1, 2, 4}; absent for unlabelled cases
-  attrs  modalities (list of str), spacing (3 floats, mm), and where known: affine (4x4),
-         original_shape (3 ints) and crop_box (3 x [start, stop]) into that original grid.
+  attrs  modalities (list of str), spacing (3 floats, mm, in (D, H, W) order), brain_mean and
+         brain_std (per channel, over non-zero voxels: patch reads normalise without loading the
+         whole volume), and where known: affine (4x4 NIfTI affine of the source), original_shape
+         (3 ints) and crop_box (3 x [start, stop]) into that original grid.
+
+Axis order: D is the slice (axial) axis. NIfTI arrays (X, Y, Z) are stored transposed to (Z, Y, X);
+original_shape and crop_box are in the stored (D, H, W) order, so a prediction is put back by
+un-cropping into original_shape and transposing (2, 1, 0) before writing it with the source affine.
 
 Readers also accept the generic layouts users already have (other key names, channel-last
 images, one-hot masks, other label sets) through `CaseFormat`, so no conversion is needed.
@@ -148,6 +154,16 @@ def check_case(path, fmt=None):
     read_case(path, fmt)
 
 
+def brain_stats(image):
+    """Per-channel mean and std over non-zero voxels (float64 arrays of length C)."""
+    means, stds = [], []
+    for channel in image:
+        values = channel[channel != 0].astype(np.float64)
+        means.append(values.mean() if values.size else 0.0)
+        stds.append(values.std() if values.size else 1.0)
+    return np.asarray(means), np.asarray(stds)
+
+
 def write_case(path, image, mask=None, spacing=(1.0, 1.0, 1.0), modalities=MODALITIES, **attrs):
     """Write one case in the project layout, atomically (temporary file in the same folder, then rename)."""
     image = np.asarray(image, dtype=np.float32)
@@ -162,6 +178,7 @@ def write_case(path, image, mask=None, spacing=(1.0, 1.0, 1.0), modalities=MODAL
             f.create_dataset("mask", data=np.asarray(mask, np.uint8), chunks=chunks[1:], compression="lzf")
         f.attrs["modalities"] = list(modalities)
         f.attrs["spacing"] = np.asarray(spacing, np.float64)
+        f.attrs["brain_mean"], f.attrs["brain_std"] = brain_stats(image)
         for key, value in attrs.items():
             if value is not None:
                 f.attrs[key] = np.asarray(value)
