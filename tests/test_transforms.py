@@ -1,0 +1,93 @@
+import numpy as np
+import pytest
+import torch
+
+from config import DataConfig
+from transforms import (augment, labels_to_regions, random_flip, random_rot90, random_rotate, regions_to_labels,
+                        resize_image, resize_labels, zscore_brain)
+
+
+def labelled_volume(shape=(12, 16, 16), seed=0):
+    """A mask of random blocks and an image whose first channel is the mask itself."""
+    rng = np.random.default_rng(seed)
+    mask = np.zeros(shape, np.uint8)
+    for label in (2, 1, 4):
+        lo = rng.integers(0, np.array(shape) // 2)
+        hi = lo + rng.integers(3, np.array(shape) // 2)
+        mask[lo[0]:hi[0], lo[1]:hi[1], lo[2]:hi[2]] = label
+    mask = torch.from_numpy(mask)
+    image = torch.stack([mask.float(), torch.rand(shape), torch.rand(shape)])
+    return image, mask
+
+
+@pytest.mark.parametrize("transform", [
+    lambda i, m, g: random_flip(i, m, g, 1.0),
+    lambda i, m, g: random_rot90(i, m, g, 1.0),
+])
+def test_exact_transforms_keep_image_and_mask_aligned(transform):
+    for seed in range(6):
+        image, mask = labelled_volume(seed=seed)
+        out_image, out_mask = transform(image, mask, torch.Generator().manual_seed(seed))
+        assert torch.equal(out_image[0], out_mask.float())
+
+
+def test_rot90_of_a_non_square_plane_keeps_the_shape():
+    image, mask = labelled_volume(shape=(8, 12, 16))
+    for seed in range(6):
+        out_image, out_mask = random_rot90(image, mask, torch.Generator().manual_seed(seed), 1.0)
+        assert out_mask.shape == mask.shape and torch.equal(out_image[0], out_mask.float())
+
+
+def test_small_rotation_keeps_image_and_mask_aligned():
+    for seed in range(4):
+        image, mask = labelled_volume(shape=(24, 24, 24), seed=seed)
+        image = torch.stack([(mask > 0).float()])
+        out_image, out_mask = random_rotate(image, mask, torch.Generator().manual_seed(seed), 1.0, 15.0)
+        assert not torch.equal(out_mask, mask)  # it did rotate
+        agreement = ((out_image[0] > 0.5) == (out_mask > 0)).float().mean()
+        assert agreement > 0.98
+        assert set(out_mask.unique().tolist()) <= {0, 1, 2, 4}  # nearest neighbour: no new labels
+
+
+def test_full_augmentation_is_reproducible_and_aligned():
+    cfg = DataConfig(flip_prob=0.5, rot90_prob=0.5, rotate_prob=0.0)
+    image, mask = labelled_volume(shape=(16, 16, 16))
+    a = augment(image, mask, torch.Generator().manual_seed(3), cfg)
+    b = augment(image, mask, torch.Generator().manual_seed(3), cfg)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert torch.equal(a[0][0], a[1].float())
+
+
+def test_2d_rotation():
+    mask = torch.zeros(20, 20, dtype=torch.uint8)
+    mask[5:12, 6:15] = 1
+    image = mask[None].float()
+    out_image, out_mask = random_rotate(image, mask, torch.Generator().manual_seed(0), 1.0, 20.0)
+    assert ((out_image[0] > 0.5) == (out_mask > 0)).float().mean() > 0.97
+
+
+def test_regions_from_labels():
+    mask = torch.tensor([0, 1, 2, 4])
+    regions = labels_to_regions(mask)
+    assert regions.tolist() == [[0, 1, 1, 1],   # WT = {1, 2, 4}
+                                [0, 1, 0, 1],   # TC = {1, 4}
+                                [0, 0, 0, 1]]   # ET = {4}
+    assert regions_to_labels(regions > 0).tolist() == [0, 1, 2, 4]
+    assert regions_to_labels(regions > 0, enhancing_label=3).tolist() == [0, 1, 2, 3]
+
+
+def test_zscore_over_brain_only():
+    image = torch.zeros(2, 6, 6, 6)
+    image[:, 1:5, 1:5, 1:5] = torch.rand(2, 4, 4, 4) * 100 + 50
+    out = zscore_brain(image)
+    brain = image[0] != 0
+    assert torch.all(out[:, ~brain] == 0)
+    assert out[0][brain].mean().abs() < 1e-5 and (out[0][brain].std() - 1).abs() < 1e-4
+
+
+def test_resize_labels_keeps_label_values_and_image_is_smooth():
+    image, mask = labelled_volume(shape=(13, 17, 11))
+    small = resize_labels(mask, (8, 8, 8))
+    assert small.shape == (8, 8, 8) and set(small.unique().tolist()) <= {0, 1, 2, 4}
+    assert resize_image(image, (8, 8, 8)).shape == (3, 8, 8, 8)
+    assert torch.equal(resize_labels(small, (8, 8, 8)), small)
