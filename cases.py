@@ -57,6 +57,17 @@ class Case:
     attrs: dict = field(default_factory=dict)
 
 
+def parse_label_map(text):
+    """'3:4' or '3:4,5:2' -> {3: 4, 5: 2}."""
+    mapping = {}
+    for pair in filter(None, text.replace(" ", "").split(",")):
+        src, sep, dst = pair.partition(":")
+        if not sep or not src.lstrip("-").isdigit() or not dst.isdigit():
+            raise ValueError(f"data.label_map {text!r}: expected pairs like 3:4, comma-separated")
+        mapping[int(src)] = int(dst)
+    return mapping
+
+
 def case_id_of(path):
     return os.path.splitext(os.path.basename(path))[0]
 

@@ -48,7 +48,7 @@ def _nothing_found(src, what):
     return DataError(f"{src}: no {what} found" + (f" (found e.g. {others})" if others else " (folder is empty)"))
 
 
-def _require(module, purpose):
+def require(module, purpose):
     """Import an optional reader lazily, with an install hint when it is missing."""
     try:
         return __import__(module)
@@ -156,7 +156,7 @@ def brats_files(folder):
 
 def load_nifti(path):
     """(array as stored on disk, affine, zooms) of one NIfTI file; a DataError when it cannot be read."""
-    nib = _require("nibabel", "reading NIfTI")
+    nib = require("nibabel", "reading NIfTI")
     try:
         img = nib.load(path)
         return np.asarray(img.dataobj), np.asarray(img.affine, np.float64), img.header.get_zooms()[:3]
@@ -294,7 +294,7 @@ def lgg_slices(folder):
 
 
 def _read_tif(path):
-    tifffile = _require("tifffile", "reading TIFF")
+    tifffile = require("tifffile", "reading TIFF")
     try:
         return np.asarray(tifffile.imread(path))
     except Exception as err:  # tifffile raises TiffFileError, ValueError, OSError... for bad files

@@ -18,8 +18,7 @@ import sys
 from tqdm import tqdm
 
 import convert
-from cases import CaseFormat, DataError, write_case
-from dataset import parse_label_map
+from cases import CaseFormat, DataError, parse_label_map, write_case
 
 log = logging.getLogger("prepare_data")
 
@@ -58,11 +57,13 @@ def sources_and_reader(args):
     """[(case_id, source)] and a function source -> Case, for the chosen layout."""
     crop = not getattr(args, "no_crop", False)
     if args.command == "brats":
+        convert.require("nibabel", "reading NIfTI")  # fail before the progress bar, not inside it
         return convert.find_brats(args.src), lambda folder: convert.read_brats(folder, crop)
     if args.command == "kaggle-slices":
         modalities = [m.strip() for m in args.modalities.split(",")]
         return convert.find_kaggle_slices(args.src), lambda s: convert.read_kaggle_volume(s, crop, modalities)
     if args.command == "lgg":
+        convert.require("tifffile", "reading TIFF")
         return convert.find_lgg(args.src), convert.read_lgg
     fmt = CaseFormat(image_key=args.image_key, mask_key=args.mask_key, channels=args.channels,
                      channel_last=args.channel_last, label_map=parse_label_map(args.label_map),
