@@ -13,22 +13,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cases import BRATS_LABELS, CaseFormat, DataError, read_case
+from cases import BRATS_LABELS, CaseFormat, DataError, parse_label_map, read_case
 from transforms import augment, labels_to_regions, resize_image, resize_labels, zscore_brain
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
-
-
-def parse_label_map(text):
-    """'3:4' or '3:4,5:2' -> {3: 4, 5: 2}."""
-    mapping = {}
-    for pair in filter(None, text.replace(" ", "").split(",")):
-        src, sep, dst = pair.partition(":")
-        if not sep or not src.lstrip("-").isdigit() or not dst.isdigit():
-            raise ValueError(f"data.label_map {text!r}: expected pairs like 3:4, comma-separated")
-        mapping[int(src)] = int(dst)
-    return mapping
 
 
 def case_format(data_cfg):
