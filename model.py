@@ -43,7 +43,7 @@ class UNet(nn.Module):
             raise ValueError(f"dims must be 2 or 3, got {dims}")
         if depth < 1:
             raise ValueError(f"depth must be at least 1, got {depth}")
-        self.dims, self.depth = dims, depth
+        self.dims, self.depth, self.norm = dims, depth, norm
         widths = [min(base_channels * 2 ** i, max_channels) for i in range(depth + 1)]
         up = nn.ConvTranspose3d if dims == 3 else nn.ConvTranspose2d
         conv = nn.Conv3d if dims == 3 else nn.Conv2d
@@ -63,6 +63,9 @@ class UNet(nn.Module):
             fixes = ", ".join(f"{s} -> {s - s % step} or {s + step - s % step}" for s in bad)
             raise ValueError(f"input size {tuple(spatial)} must be divisible by 2**depth = {step} "
                              f"in every spatial axis ({fixes})")
+        if self.norm == "instance" and all(s == step for s in spatial):
+            raise ValueError(f"input size {tuple(spatial)} leaves a 1-voxel bottleneck, which instance norm "
+                             f"cannot normalise; use inputs of at least {2 * step} in one axis or less depth")
 
     def forward(self, x):
         if x.dim() != self.dims + 2:
