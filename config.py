@@ -15,7 +15,7 @@ class DataConfig:
     dir: str = "data/synthetic"        # folder of .h5 cases; if it holds none, a synthetic set is generated there
     synthetic_cases: int = 48          # cases generated when data.dir is empty
     mode: str = "resize"               # "resize": whole volume resized to image_size; "patch": random patches
-    image_size: tuple = (64, 64, 64)   # resize target (D, H, W); one int means a cube
+    image_size: tuple = (48, 48, 48)   # resize target (D, H, W); one int means a cube
     patch_size: tuple = (64, 64, 64)   # patch mode: patch size (D, H, W); one int means a cube
     foreground_fraction: float = 0.33  # patch mode: share of patches centred on tumour
     channels: int = 4                  # image channels (FLAIR, T1, T1ce, T2)
@@ -26,7 +26,9 @@ class DataConfig:
     val_fraction: float = 0.15         # share of cases (patients) held out for validation
     test_fraction: float = 0.15        # share of cases (patients) held out for the final test
     split_seed: int = 0                # seed of the per-case split (saved as split.json in the run)
-    num_workers: int = 1               # DataLoader worker processes (0 loads in the main process)
+    num_workers: int = -1              # DataLoader workers; -1: 0 on CPU (workers would steal the cores
+                                       # the step needs), min(4, cores) on CUDA
+    cache_gb: float = 2.0              # keep normalised, resized cases in memory up to this size (resize mode)
     augment: bool = True               # training augmentation on/off
     flip_prob: float = 0.5             # probability of a flip, per axis
     rot90_prob: float = 0.5            # probability of a random 90-degree turn in the axial plane
@@ -47,7 +49,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 40                   # maximum epochs
+    epochs: int = 30                   # maximum epochs
     batch_size: int = 2                # samples per step
     lr: float = 1e-3                   # Adam learning rate
     weight_decay: float = 0.0          # Adam weight decay

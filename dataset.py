@@ -65,6 +65,7 @@ class BratsDataset(Dataset):
         self.paths, self.cfg, self.train, self.seed = list(paths), data_cfg, train, seed
         self.fmt = case_format(data_cfg)
         self.epoch = 0
+        self.cache, self.cached_bytes = {}, 0
 
     def set_epoch(self, epoch):
         self.epoch = epoch
@@ -75,14 +76,31 @@ class BratsDataset(Dataset):
     def generator(self, index):
         return torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 10_007 + index)
 
-    def __getitem__(self, index):
+    def prepared(self, index):
+        """Normalised, resized (image, mask, case_id) before augmentation, cached up to data.cache_gb."""
+        if index in self.cache:
+            return self.cache[index]
         case = read_case(self.paths[index], self.fmt)
         size = tuple(self.cfg.image_size)
-        image = resize_image(zscore_brain(case.image), size)
-        mask = resize_labels(torch.from_numpy(case.mask), size)
+        item = (resize_image(zscore_brain(case.image), size), resize_labels(torch.from_numpy(case.mask), size),
+                case.case_id)
+        nbytes = item[0].nbytes + item[1].nbytes
+        if self.cached_bytes + nbytes <= self.cfg.cache_gb * 2 ** 30:
+            self.cache[index], self.cached_bytes = item, self.cached_bytes + nbytes
+        return item
+
+    def __getitem__(self, index):
+        image, mask, case_id = self.prepared(index)
         if self.train and self.cfg.augment:
             image, mask = augment(image, mask, self.generator(index), self.cfg)
-        return {"image": image, "target": labels_to_regions(mask), "case_id": case.case_id}
+        return {"image": image, "target": labels_to_regions(mask), "case_id": case_id}
+
+
+def loader_workers(requested, device):
+    """-1 picks: 0 on CPU (a worker competes with the step's threads for the same cores), else up to 4."""
+    if requested >= 0:
+        return requested
+    return 0 if device.type == "cpu" else min(4, os.cpu_count() or 1)
 
 
 def make_loader(dataset, batch_size, shuffle, num_workers, seed=0, epoch=0, pin_memory=False):

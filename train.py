@@ -19,7 +19,7 @@ from tqdm import tqdm
 from atomic import atomic_path, write_text
 from checkpoint import save_checkpoint, unwrap
 from config import to_dict
-from dataset import make_loader
+from dataset import loader_workers, make_loader
 from metrics import confusion, scores_from_counts
 from transforms import REGIONS
 
@@ -151,12 +151,13 @@ def fit(cfg, model, loss_fn, train_set, val_set, run_dir, device):
     stopper = EarlyStopping(tc.patience)
     history, started = [], time.time()
     pin = device.type == "cuda"
-    val_loader = make_loader(val_set, cfg.eval.batch_size, False, cfg.data.num_workers, pin_memory=pin)
+    workers = loader_workers(cfg.data.num_workers, device)
+    val_loader = make_loader(val_set, cfg.eval.batch_size, False, workers, pin_memory=pin)
     best_path, last_path = os.path.join(run_dir, "best.pt"), os.path.join(run_dir, "last.pt")
     for epoch in range(1, tc.epochs + 1):
         epoch_start = time.time()
         train_set.set_epoch(epoch)
-        train_loader = make_loader(train_set, tc.batch_size, True, cfg.data.num_workers, seed=tc.seed,
+        train_loader = make_loader(train_set, tc.batch_size, True, workers, seed=tc.seed,
                                    epoch=epoch, pin_memory=pin)
         train_loss = train_one_epoch(model, train_loader, loss_fn, optimizer, scaler, device, amp_dtype,
                                      tc.grad_clip, desc=f"epoch {epoch}/{tc.epochs}")
