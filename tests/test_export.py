@@ -134,23 +134,29 @@ def test_patch_training_on_real_cases_then_exported_predictions_fit_the_sources(
     import evaluate
     import main
 
+    # CPU-sized: 3 training cases, small patches, 2 epochs; no test split, so the (slow, whole-case)
+    # scoring runs once, on the validation case, through the evaluate command line
     run_dir = main.run(main.build_config({
-        "data.dir": real_dataset, "data.mode": "patch", "data.patch_size": "48", "data.patches_per_case": "3",
-        "data.val_fraction": "0.25", "data.test_fraction": "0.25", "data.num_workers": "0",
+        "data.dir": real_dataset, "data.mode": "patch", "data.patch_size": "32", "data.patches_per_case": "2",
+        "data.val_fraction": "0.25", "data.test_fraction": "0.0", "data.num_workers": "0",
         "model.base_channels": "4", "model.depth": "3", "train.epochs": "2", "train.batch_size": "2",
-        "train.out_dir": str(tmp_path), "train.name": "real", "eval.overlap": "0.0", "eval.sw_batch_size": "4"}))
+        "train.out_dir": str(tmp_path), "train.name": "real", "eval.overlap": "0.0", "eval.sw_batch_size": "8"}))
+    with open(os.path.join(run_dir, "metrics.csv")) as f:
+        assert len(list(csv.DictReader(f))) == 2
     out = str(tmp_path / "eval")
-    evaluate.main(["--checkpoint", os.path.join(run_dir, "best.pt"), "--split", "all", "--out", out,
+    evaluate.main(["--checkpoint", os.path.join(run_dir, "best.pt"), "--split", "val", "--out", out,
                    "--save-predictions", "--save-probabilities", "--eval.postprocess_et_min", "50"])
     with open(os.path.join(out, "summary.json")) as f:
         summary = json.load(f)
-    assert summary["cases"] == 4
+    assert summary["cases"] == 1
     assert {"dice", "iou", "hd95", "sensitivity", "specificity", "hd95_std", "hd95_median"} <= set(
         summary["regions"]["ET"])
     with open(os.path.join(out, "per_case.csv")) as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 4 and "WT_hd95" in rows[0] and "ET_specificity" in rows[0]
-    for case_id in real_brats.sample_cases():
+    assert len(rows) == 1 and "WT_hd95" in rows[0] and "ET_specificity" in rows[0]
+    with open(os.path.join(run_dir, "split.json")) as f:
+        val_cases = json.load(f)["val"]
+    for case_id in val_cases:
         source = nib.load(real_brats.source_seg_path(case_id))
         predicted = nib.load(os.path.join(out, "predictions", f"{case_id}.nii.gz"))
         assert predicted.shape == source.shape
@@ -159,3 +165,29 @@ def test_patch_training_on_real_cases_then_exported_predictions_fit_the_sources(
         probs = np.load(os.path.join(out, "predictions", f"{case_id}_probabilities.npz"))["probabilities"]
         assert probs.shape == (3, *source.shape)
         assert os.path.getsize(os.path.join(out, "overlays", f"{case_id}.png")) > 1000
+
+
+def test_resize_mode_evaluate_and_predict_write_h5_label_maps(tiny_dataset, tmp_path):
+    import evaluate
+    import main
+
+    run_dir = main.run(main.build_config({
+        "data.dir": tiny_dataset, "data.image_size": "16", "data.num_workers": "0", "model.base_channels": "4",
+        "model.depth": "2", "train.epochs": "1", "train.out_dir": str(tmp_path), "train.name": "tiny"}))
+    checkpoint = os.path.join(run_dir, "best.pt")
+    out = str(tmp_path / "eval")
+    evaluate.main(["--checkpoint", checkpoint, "--split", "test", "--out", out, "--save-predictions"])
+    with open(os.path.join(run_dir, "split.json")) as f:
+        test_cases = json.load(f)["test"]
+    for case_id in test_cases:
+        with h5py.File(os.path.join(out, "predictions", f"{case_id}.h5")) as f:
+            assert f["mask"].shape == (20, 24, 22) and f["mask"].dtype == np.uint8
+        assert os.path.isfile(os.path.join(out, "overlays", f"{case_id}.png"))
+    # unlabelled cases: --predict exports without scoring
+    unlabelled = tmp_path / "unlabelled"
+    image = read_case(glob.glob(os.path.join(tiny_dataset, "*.h5"))[0]).image
+    write_case(str(unlabelled / "new_case.h5"), image)
+    evaluate.main(["--checkpoint", checkpoint, "--split", "all", "--data.dir", str(unlabelled),
+                   "--out", str(tmp_path / "pred"), "--predict", "--no-overlays"])
+    assert os.listdir(tmp_path / "pred") == ["predictions"]
+    assert os.path.isfile(tmp_path / "pred" / "predictions" / "new_case.h5")
