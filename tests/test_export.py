@@ -8,6 +8,7 @@ import os
 import h5py
 import numpy as np
 import pytest
+import torch
 
 import real_brats
 from cases import DataError, read_case, to_original_grid, uncrop, write_case
@@ -15,6 +16,16 @@ from export import export_case, largest_tumour_slice, save_label_map
 from transforms import labels_to_regions
 
 nib = pytest.importorskip("nibabel")
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """These tiny models run on one thread: on 2 cores shared with other jobs, OpenMP barriers made
+    a 32^3 training step of a base-4 UNet 40x slower with two threads than with one."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def nifti_like_case(tmp_path, affine, xyz_shape=(30, 26, 18), box_xyz=((4, 25), (3, 20), (2, 15))):
