@@ -165,7 +165,7 @@ class PatchDataset(BratsDataset):
         return len(self.paths) * self.per_case
 
     def _case_info(self, path, f):
-        """(image dataset, channel axis, mean, std, foreground points) of an open case file."""
+        """(image dataset, channel axis, mean, std, foreground points, spatial shape) of an open case."""
         dset = _dataset(f, path, self.fmt.image_key)
         # validate the layout on a zero-cost view of the shape, then read channel order from it
         moved = _channel_first(np.broadcast_to(np.float32(0), dset.shape), path, self.fmt)

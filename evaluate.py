@@ -22,7 +22,7 @@ import sys
 from tqdm import tqdm
 
 from atomic import write_json, write_text
-from cases import DataError, case_id_of, read_case
+from cases import DataError, case_id_of, read_case, uncrop
 from checkpoint import CheckpointError, load_checkpoint, load_weights
 from config import build_config, from_dict, split_args
 from dataset import case_format, list_cases
@@ -53,6 +53,15 @@ def select_cases(data_dir, split, split_file):
     return chosen
 
 
+def scoring_grid(regions, attrs):
+    """Regions on the case's original (uncropped) grid, as BraTS scores them: the cropped-away
+    background counts as true negatives in the specificity. Axis order stays the stored one, so
+    the spacing still applies."""
+    if "crop_box" in attrs and "original_shape" in attrs:
+        return uncrop(regions, attrs["crop_box"], attrs["original_shape"])
+    return regions
+
+
 def evaluate_cases(model, paths, cfg, device, out_dir=None, save_predictions=False, overlays=False,
                    labelled=True):
     """Predict each case, postprocess, score it (when `labelled`) and export what was asked for;
@@ -65,7 +74,8 @@ def evaluate_cases(model, paths, cfg, device, out_dir=None, save_predictions=Fal
         scores = {}
         if labelled:
             truth = labels_to_regions(case.mask).numpy() > 0.5
-            scores = score_case(pred, truth, list(REGIONS), case.spacing)
+            scores = score_case(scoring_grid(pred, case.attrs), scoring_grid(truth, case.attrs), list(REGIONS),
+                                case.spacing)
         if save_predictions or overlays:
             export_case(out_dir, case, pred, probs.numpy() if cfg.eval.save_probabilities else None,
                         cfg.eval.enhancing_label, predictions=save_predictions, overlay=overlays)

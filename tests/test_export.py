@@ -53,6 +53,18 @@ def test_uncrop_and_orientation_invert_the_conversion(tmp_path):
     np.testing.assert_array_equal(back[0] > 0, source > 0)
 
 
+def test_scores_count_the_cropped_background_as_true_negatives(tmp_path):
+    from evaluate import scoring_grid
+    from metrics import confusion
+
+    case, source = nifti_like_case(tmp_path, np.eye(4))
+    regions = labels_to_regions(case.mask).numpy() > 0.5
+    full = scoring_grid(regions, case.attrs)
+    assert full.shape == (3, *source.shape[::-1]) and full.sum() == regions.sum()
+    empty = np.zeros_like(full[0])
+    assert confusion(empty, full[0])[3] == source.size - regions[0].sum()
+
+
 def test_uncrop_refuses_a_box_that_does_not_fit():
     with pytest.raises(DataError, match="crop_box"):
         uncrop(np.zeros((4, 5, 6)), [[0, 4], [0, 5], [0, 7]], (10, 10, 10))
