@@ -72,14 +72,14 @@ def case_id_of(path):
     return os.path.splitext(os.path.basename(path))[0]
 
 
-def _open(path):
+def open_case(path):
     try:
         return h5py.File(path, "r")
     except (OSError, ValueError) as err:
         raise DataError(f"{path}: cannot be read as HDF5 ({err}); is the file truncated or not .h5?") from None
 
 
-def _dataset(f, path, key, alternatives=()):
+def get_dataset(f, path, key, alternatives=()):
     for k in (key, *alternatives):
         if k in f:
             return f[k]
@@ -96,7 +96,7 @@ def _array(dataset, path, dtype=None):
                         f"is the file truncated or corrupt?") from None
 
 
-def _channel_first(image, path, fmt):
+def channel_first(image, path, fmt):
     """Return the image as (C, D, H, W), moving a trailing channel axis first when asked or obvious."""
     if image.ndim != 4:
         raise DataError(f"{path}: image has shape {image.shape}; expected 4 dimensions (C, D, H, W) "
@@ -113,7 +113,7 @@ def _channel_first(image, path, fmt):
     return image
 
 
-def _as_labels(mask, path, fmt, spatial):
+def as_labels(mask, path, fmt, spatial):
     """Turn a label map or a one-hot/multi-channel mask into a uint8 label map in BraTS labels."""
     if mask.ndim == 4:  # one-hot NCR/ED/ET (channel-first or channel-last) -> labels 1/2/4
         if mask.shape[-1] in (3, 4) and mask.shape[:3] == spatial:
@@ -149,15 +149,15 @@ def _as_labels(mask, path, fmt, spatial):
 def read_case(path, fmt=None, with_mask=True):
     """Read and validate one case file. Raises DataError naming the file and the problem."""
     fmt = fmt or CaseFormat()
-    with _open(path) as f:
-        image = _channel_first(_array(_dataset(f, path, fmt.image_key), path, np.float32), path, fmt)
+    with open_case(path) as f:
+        image = channel_first(_array(get_dataset(f, path, fmt.image_key), path, np.float32), path, fmt)
         if min(image.shape[1:]) == 0:
             raise DataError(f"{path}: image has zero size {image.shape}")
         if not np.all(np.isfinite(image)):
             raise DataError(f"{path}: image contains {np.count_nonzero(~np.isfinite(image))} NaN/Inf values")
         mask = None
         if with_mask:
-            mask = _as_labels(_array(_dataset(f, path, fmt.mask_key), path), path, fmt, image.shape[1:])
+            mask = as_labels(_array(get_dataset(f, path, fmt.mask_key), path), path, fmt, image.shape[1:])
         attrs = {k: _plain(v) for k, v in f.attrs.items()}
     spacing = tuple(float(s) for s in attrs.get("spacing", (1.0, 1.0, 1.0)))
     return Case(case_id_of(path), image, mask, spacing, attrs)
@@ -207,3 +207,34 @@ def write_case(path, image, mask=None, spacing=(1.0, 1.0, 1.0), modalities=MODAL
             if value is not None:
                 f.attrs[key] = value if isinstance(value, str) else np.asarray(value)
     return path
+
+
+def uncrop(array, crop_box, original_shape, fill=0):
+    """Put an array cropped to `crop_box` (3 x [start, stop], last three axes) back into a zero
+    (`fill`) array of `original_shape`: the inverse of the brain crop made at conversion."""
+    box = [tuple(int(v) for v in pair) for pair in crop_box]
+    original_shape = tuple(int(s) for s in original_shape)
+    sizes = tuple(stop - start for start, stop in box)
+    if sizes != tuple(array.shape[-3:]) or any(start < 0 or stop > s for (start, stop), s in zip(box, original_shape)):
+        raise DataError(f"crop_box {box} does not fit an array of shape {tuple(array.shape)} inside "
+                        f"original_shape {original_shape}; the case's attributes are inconsistent")
+    out = np.full((*array.shape[:-3], *original_shape), fill, dtype=array.dtype)
+    out[(..., *(slice(start, stop) for start, stop in box))] = array
+    return out
+
+
+def to_source_orientation(array, attrs):
+    """Stored (..., D, H, W) -> the source NIfTI's (..., X, Y, Z) when the case came from NIfTI
+    (attrs has an affine); unchanged otherwise."""
+    if "affine" not in attrs:
+        return array
+    n = array.ndim
+    return np.transpose(array, (*range(n - 3), n - 1, n - 2, n - 3))
+
+
+def to_original_grid(array, attrs):
+    """A stored-grid array (..., D, H, W) on the source's grid: un-cropped into original_shape when the
+    case records a crop_box, then in the source's axis order."""
+    if "crop_box" in attrs and "original_shape" in attrs:
+        array = uncrop(array, attrs["crop_box"], attrs["original_shape"])
+    return to_source_orientation(array, attrs)

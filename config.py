@@ -18,6 +18,7 @@ class DataConfig:
     image_size: tuple = (48, 48, 48)   # resize target (D, H, W); one int means a cube
     patch_size: tuple = (64, 64, 64)   # patch mode: patch size (D, H, W); one int means a cube
     foreground_fraction: float = 0.33  # patch mode: share of patches centred on tumour
+    patches_per_case: int = 1          # patch mode: patches drawn from each training case per epoch
     channels: int = 4                  # image channels (FLAIR, T1, T1ce, T2)
     image_key: str = "image"           # .h5 dataset holding the image (e.g. "raw")
     mask_key: str = "mask"             # .h5 dataset holding the mask (e.g. "label")
@@ -34,6 +35,15 @@ class DataConfig:
     rot90_prob: float = 0.5            # probability of a random 90-degree turn in the axial plane
     rotate_prob: float = 0.2           # probability of a small-angle rotation
     max_rotate_deg: float = 15.0       # small-angle rotation range, +- degrees about each axis
+    zoom_prob: float = 0.0             # probability of a random zoom (spatial scaling) about the centre
+    max_zoom: float = 0.15             # zoom factor drawn from [1 - max_zoom, 1 + max_zoom]
+    intensity_prob: float = 0.15       # probability of a random per-channel intensity scale and shift
+    intensity_scale: float = 0.1       # scale drawn from [1 - intensity_scale, 1 + intensity_scale]
+    intensity_shift: float = 0.1       # shift drawn from [-intensity_shift, intensity_shift] (z-score units)
+    gamma_prob: float = 0.15           # probability of a random gamma on each channel's min-max range
+    max_gamma: float = 1.5             # gamma drawn log-uniformly from [1 / max_gamma, max_gamma]
+    noise_prob: float = 0.1            # probability of additive Gaussian noise
+    noise_std: float = 0.1             # noise std drawn from [0, noise_std] (z-score units)
 
 
 @dataclass
@@ -72,7 +82,14 @@ class TrainConfig:
 class EvalConfig:
     split: str = "test"                # "test" | "val" | "all"
     threshold: float = 0.5             # sigmoid threshold for each region
-    batch_size: int = 1                # cases per forward pass during validation
+    batch_size: int = 1                # cases per forward pass during validation (resize mode)
+    overlap: float = 0.5               # patch mode: sliding-window overlap, as a share of the window
+    sw_batch_size: int = 2             # patch mode: windows per forward pass (bounds the memory used)
+    gaussian: bool = True              # patch mode: weight windows by a Gaussian (centres count more)
+    mirror: bool = False               # test-time augmentation: average over every axis flip (8x slower in 3D)
+    postprocess_et_min: int = 0        # predicted ET below this many voxels becomes necrosis (0: off)
+    enhancing_label: int = 4           # label written for enhancing tumour in exported maps (3 for BraTS 2023+)
+    save_probabilities: bool = False   # with --save-predictions, also write region probabilities (.npz)
 
 
 @dataclass

@@ -1,6 +1,10 @@
 """The training data: a folder of per-case .h5 files, split per case, served as tensors.
 
 A sample is {"image": (C, *size) float, "target": (3, *size) float WT/TC/ET, "case_id": str}.
+Two training modes (data.mode): "resize" serves whole cases resized to data.image_size;
+"patch" serves random data.patch_size patches read straight from the chunked HDF5 file (only
+the patch's hyperslab is read), a share of them centred on tumour. Validation in patch mode
+serves whole normalised cases for sliding-window prediction.
 Files are opened lazily in whichever process asks for a sample (DataLoader workers included).
 Augmentation randomness is a pure function of (seed, epoch, index), so a run's samples are the
 same whatever the number of workers, and a resumed run sees the same samples as an unbroken one.
@@ -13,7 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cases import BRATS_LABELS, CaseFormat, DataError, parse_label_map, read_case
+from cases import (BRATS_LABELS, CaseFormat, DataError, as_labels, case_id_of, channel_first, get_dataset,
+                   open_case, parse_label_map, read_case)
 from transforms import augment, labels_to_regions, resize_image, resize_labels, zscore_brain
 
 log = logging.getLogger(__name__)
@@ -109,3 +114,134 @@ def make_loader(dataset, batch_size, shuffle, num_workers, seed=0, epoch=0, pin_
     return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
                       generator=order, pin_memory=pin_memory, drop_last=False,
                       persistent_workers=False)
+
+
+MAX_FOREGROUND_POINTS = 10_000  # tumour voxels kept per case for centring patches (as nnU-Net does)
+
+
+def patch_start(shape, patch, foreground, fraction, gen):
+    """Corner of a patch (may be negative or overhang where the volume is smaller: padded later).
+
+    With probability `fraction` (and when the case has tumour) the patch is centred on a random
+    tumour voxel of `foreground` (an (N, ndim) array), shifted to stay inside the volume; otherwise
+    its position is uniform. A pure function of `gen`. Returns (start tuple, centred: bool).
+    """
+    centred = bool(torch.rand((), generator=gen) < fraction) and len(foreground) > 0
+    if centred:
+        centre = foreground[int(torch.randint(len(foreground), (), generator=gen))]
+    start = []
+    for axis, (size, width) in enumerate(zip(shape, patch)):
+        low, high = min(0, size - width), max(0, size - width)
+        if centred:
+            start.append(int(np.clip(int(centre[axis]) - width // 2, low, high)))
+        else:
+            start.append(int(torch.randint(low, high + 1, (), generator=gen)))
+    return tuple(start), centred
+
+
+def read_box(dataset, start, patch, channel_axis=None):
+    """The part of an HDF5 dataset inside the box [start, start + patch), zero-padded where the box
+    leaves the volume; reads only that hyperslab. `channel_axis` 0 or -1 keeps that axis whole."""
+    spatial = dataset.shape[1:] if channel_axis == 0 else dataset.shape[:-1] if channel_axis == -1 else dataset.shape
+    src = tuple(slice(max(o, 0), min(o + w, s)) for o, w, s in zip(start, patch, spatial))
+    dst = tuple(slice(sl.start - o, sl.stop - o) for sl, o in zip(src, start))
+    if channel_axis == 0:
+        src, dst, shape = (slice(None), *src), (slice(None), *dst), (dataset.shape[0], *patch)
+    elif channel_axis == -1:
+        src, dst, shape = (*src, slice(None)), (*dst, slice(None)), (*patch, dataset.shape[-1])
+    else:
+        shape = tuple(patch)
+    out = np.zeros(shape, dataset.dtype)
+    out[dst] = dataset[src]
+    return out
+
+
+class PatchDataset(BratsDataset):
+    """Random patches of data.patch_size from each case (patch mode), data.patches_per_case per epoch.
+
+    Per worker and case it caches the normalisation statistics (from attrs brain_mean/brain_std,
+    else computed once from the whole volume) and up to MAX_FOREGROUND_POINTS tumour voxels.
+    """
+
+    def __init__(self, paths, data_cfg, train=True, seed=0):
+        super().__init__(paths, data_cfg, train, seed)
+        self.per_case = max(1, int(data_cfg.patches_per_case))
+        self._stats, self._foreground = {}, {}
+
+    def __len__(self):
+        return len(self.paths) * self.per_case
+
+    def _case_info(self, path, f):
+        """(image dataset, channel axis, mean, std, foreground points, spatial shape) of an open case."""
+        dset = get_dataset(f, path, self.fmt.image_key)
+        # validate the layout on a zero-cost view of the shape, then read channel order from it
+        moved = channel_first(np.broadcast_to(np.float32(0), dset.shape), path, self.fmt)
+        channel_axis = -1 if moved.shape != tuple(dset.shape) else 0
+        if path not in self._stats:
+            self._stats[path] = self._brain_stats(path, f, dset, channel_axis)
+        if path not in self._foreground:
+            mask = self._mask(path, f, (0,) * 3, moved.shape[1:], moved.shape[1:])
+            points = np.argwhere(mask > 0).astype(np.int32)
+            if len(points) > MAX_FOREGROUND_POINTS:
+                points = points[np.random.default_rng(0).choice(len(points), MAX_FOREGROUND_POINTS, replace=False)]
+            self._foreground[path] = points
+        return dset, channel_axis, *self._stats[path], self._foreground[path], moved.shape[1:]
+
+    def _brain_stats(self, path, f, dset, channel_axis):
+        if "brain_mean" in f.attrs and "brain_std" in f.attrs:
+            return np.asarray(f.attrs["brain_mean"], np.float64), np.asarray(f.attrs["brain_std"], np.float64)
+        log.info("%s: no brain_mean/brain_std attributes; computing them from the whole volume once", path)
+        image = np.moveaxis(dset[()], -1, 0) if channel_axis == -1 else dset[()]
+        values = [c[c != 0].astype(np.float64) for c in image]
+        return (np.array([v.mean() if v.size else 0.0 for v in values]),
+                np.array([v.std() if v.size else 1.0 for v in values]))
+
+    def _mask(self, path, f, start, patch, spatial):
+        dset = get_dataset(f, path, self.fmt.mask_key)
+        if dset.ndim != 3:
+            raise DataError(f"{path}: patch mode reads label-map masks (D, H, W); this mask has shape "
+                            f"{dset.shape}; use data.mode resize or convert the mask to labels")
+        if tuple(dset.shape) != tuple(spatial):
+            raise DataError(f"{path}: mask has shape {dset.shape}, image spatial shape is {tuple(spatial)}")
+        return as_labels(read_box(dset, start, patch), path, self.fmt, tuple(patch))
+
+    def __getitem__(self, index):
+        path, gen = self.paths[index % len(self.paths)], self.generator(index)
+        patch = tuple(self.cfg.patch_size)
+        with open_case(path) as f:
+            dset, channel_axis, mean, std, foreground, spatial = self._case_info(path, f)
+            fraction = self.cfg.foreground_fraction if self.train else 0.0
+            start, _ = patch_start(spatial, patch, foreground, fraction, gen)
+            raw = read_box(dset, start, patch, channel_axis).astype(np.float32)
+            mask = self._mask(path, f, start, patch, spatial)
+        raw = np.moveaxis(raw, -1, 0) if channel_axis == -1 else raw
+        image = torch.from_numpy(normalise(raw, mean, std))
+        mask = torch.from_numpy(mask)
+        if self.train and self.cfg.augment:
+            image, mask = augment(image, mask, gen, self.cfg)
+        return {"image": image, "target": labels_to_regions(mask), "case_id": case_id_of(path)}
+
+
+def normalise(raw, mean, std):
+    """Per-channel z-score with given brain statistics; background (0) stays 0, as in zscore_brain."""
+    view = (-1,) + (1,) * (raw.ndim - 1)
+    scaled = (raw - np.reshape(mean, view)) / np.maximum(np.reshape(std, view), 1e-8)
+    return np.where(raw != 0, scaled, 0).astype(np.float32)
+
+
+class CaseDataset(BratsDataset):
+    """Whole cases at their native grid, normalised (patch-mode validation by sliding window)."""
+
+    def __getitem__(self, index):
+        case = read_case(self.paths[index], self.fmt)
+        return {"image": zscore_brain(case.image), "target": labels_to_regions(case.mask), "case_id": case.case_id}
+
+
+def build_datasets(data_cfg, train_paths, val_paths, seed=0):
+    """(train set, validation set) for data.mode: resized cases, or patches and whole cases."""
+    if data_cfg.mode == "resize":
+        return (BratsDataset(train_paths, data_cfg, train=True, seed=seed),
+                BratsDataset(val_paths, data_cfg, train=False))
+    if data_cfg.mode == "patch":
+        return PatchDataset(train_paths, data_cfg, train=True, seed=seed), CaseDataset(val_paths, data_cfg, False)
+    raise ValueError(f"data.mode {data_cfg.mode!r}: choose 'resize' or 'patch'")

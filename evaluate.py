@@ -1,10 +1,15 @@
 """Evaluate a checkpoint: predict every case of a split at native resolution and score it.
 
     python evaluate.py --checkpoint RUN/best.pt [--data.dir DIR] [--split test|val|all] [--out DIR]
+                       [--save-predictions] [--save-probabilities] [--no-overlays] [--predict]
 
 The model is rebuilt from the config stored in the checkpoint; data.* and eval.* keys can be
-overridden on the command line. Writes per_case.csv and summary.json (means over cases) to --out
-(default: the checkpoint's folder) and prints a table.
+overridden on the command line. Writes per_case.csv and summary.json (means, std and median over
+cases of Dice, IoU, sensitivity, specificity and HD95 per region) to --out (default: the
+checkpoint's folder), prints a table, and draws an overlay PNG per case in --out/overlays.
+--save-predictions writes a label map per case to --out/predictions (NIfTI on the source grid
+and affine for cases converted from NIfTI, else .h5; see export.py). --predict is for cases
+without labels: it only predicts and exports (use it with --split all).
 """
 import argparse
 import csv
@@ -17,11 +22,12 @@ import sys
 from tqdm import tqdm
 
 from atomic import write_json, write_text
-from cases import DataError, case_id_of, read_case
+from cases import DataError, case_id_of, read_case, uncrop
 from checkpoint import CheckpointError, load_checkpoint, load_weights
 from config import build_config, from_dict, split_args
 from dataset import case_format, list_cases
-from inference import predict_case
+from export import export_case
+from inference import predict_case, remove_small_enhancing
 from metrics import score_case, summarise
 from model import build_model
 from train import autocast_dtype, resolve_device
@@ -47,15 +53,33 @@ def select_cases(data_dir, split, split_file):
     return chosen
 
 
-def evaluate_cases(model, paths, cfg, device):
-    """Score each case; returns a list of (case_id, {region: {metric: value}})."""
+def scoring_grid(regions, attrs):
+    """Regions on the case's original (uncropped) grid, as BraTS scores them: the cropped-away
+    background counts as true negatives in the specificity. Axis order stays the stored one, so
+    the spacing still applies."""
+    if "crop_box" in attrs and "original_shape" in attrs:
+        return uncrop(regions, attrs["crop_box"], attrs["original_shape"])
+    return regions
+
+
+def evaluate_cases(model, paths, cfg, device, out_dir=None, save_predictions=False, overlays=False,
+                   labelled=True):
+    """Predict each case, postprocess, score it (when `labelled`) and export what was asked for;
+    returns a list of (case_id, {region: {metric: value}}) (empty scores when unlabelled)."""
     fmt, amp_dtype, results = case_format(cfg.data), autocast_dtype(device, cfg.train.amp), []
-    for path in tqdm(paths, desc="evaluate", leave=False, dynamic_ncols=True):
-        case = read_case(path, fmt)
+    for path in tqdm(paths, desc="evaluate" if labelled else "predict", leave=False, dynamic_ncols=True):
+        case = read_case(path, fmt, with_mask=labelled)
         probs = predict_case(model, case.image, cfg, device, amp_dtype)
-        pred = (probs > cfg.eval.threshold).numpy()
-        truth = labels_to_regions(case.mask).numpy() > 0.5
-        results.append((case.case_id, score_case(pred, truth, list(REGIONS), case.spacing)))
+        pred = remove_small_enhancing((probs > cfg.eval.threshold).numpy(), cfg.eval.postprocess_et_min)
+        scores = {}
+        if labelled:
+            truth = labels_to_regions(case.mask).numpy() > 0.5
+            scores = score_case(scoring_grid(pred, case.attrs), scoring_grid(truth, case.attrs), list(REGIONS),
+                                case.spacing)
+        if save_predictions or overlays:
+            export_case(out_dir, case, pred, probs.numpy() if cfg.eval.save_probabilities else None,
+                        cfg.eval.enhancing_label, predictions=save_predictions, overlay=overlays)
+        results.append((case.case_id, scores))
     return results
 
 
@@ -82,8 +106,12 @@ def format_table(summary):
     return "\n".join(lines)
 
 
-def evaluate_checkpoint(checkpoint_path, split="test", out_dir=None, overrides=None, device=None):
-    """Rebuild the model from a checkpoint, score a split, write reports; returns the summary."""
+def evaluate_checkpoint(checkpoint_path, split="test", out_dir=None, overrides=None, device=None,
+                        save_predictions=False, overlays=False, predict=False):
+    """Rebuild the model from a checkpoint, score a split, write reports; returns the summary.
+
+    With `predict` the cases need no labels: they are predicted and exported, not scored, and the
+    summary only lists them."""
     state = load_checkpoint(checkpoint_path)
     cfg = from_dict(state["config"])
     for key in overrides or {}:
@@ -96,8 +124,13 @@ def evaluate_checkpoint(checkpoint_path, split="test", out_dir=None, overrides=N
     load_weights(model, state, checkpoint_path)
     run_dir = os.path.dirname(os.path.abspath(checkpoint_path))
     paths = select_cases(cfg.data.dir, split, os.path.join(run_dir, "split.json"))
-    results = evaluate_cases(model, paths, cfg, device)
     out_dir = out_dir or run_dir
+    results = evaluate_cases(model, paths, cfg, device, out_dir, save_predictions or predict, overlays,
+                             labelled=not predict)
+    if predict:
+        log.info("wrote predictions of %d cases to %s", len(results), os.path.join(out_dir, "predictions"))
+        return {"split": split, "cases": len(results), "predicted": [cid for cid, _ in results],
+                "predictions_dir": os.path.join(out_dir, "predictions")}
     summary = write_reports(out_dir, results, split, {"checkpoint": os.path.abspath(checkpoint_path),
                                                       "data_dir": os.path.abspath(cfg.data.dir)})
     log.info("wrote %s and %s", os.path.join(out_dir, "per_case.csv"), os.path.join(out_dir, "summary.json"))
@@ -109,14 +142,28 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="path to best.pt or last.pt")
     parser.add_argument("--split", default="test", choices=["test", "val", "all"])
-    parser.add_argument("--out", default=None, help="folder for per_case.csv and summary.json")
+    parser.add_argument("--out", default=None, help="folder for per_case.csv, summary.json, overlays/, predictions/")
+    parser.add_argument("--save-predictions", action="store_true",
+                        help="write a label map per case to OUT/predictions (NIfTI when the case came from NIfTI)")
+    parser.add_argument("--save-probabilities", action="store_true",
+                        help="with the label maps, write region probabilities as .npz")
+    parser.add_argument("--overlays", action=argparse.BooleanOptionalAction, default=True,
+                        help="draw a FLAIR overlay PNG per case in OUT/overlays (default: on)")
+    parser.add_argument("--predict", action="store_true",
+                        help="cases without labels: predict and export only, no scores")
     args = parser.parse_args(rest)
+    if args.save_probabilities:
+        pairs["eval.save_probabilities"] = "true"
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        summary = evaluate_checkpoint(args.checkpoint, args.split, args.out, pairs)
+        summary = evaluate_checkpoint(args.checkpoint, args.split, args.out, pairs, None, args.save_predictions,
+                                      args.overlays, args.predict)
     except (DataError, CheckpointError, KeyError, ValueError) as err:
         sys.exit(f"error: {err.args[0] if isinstance(err, KeyError) else err}")
-    print(format_table(summary))
+    if args.predict:
+        print(f"predicted {summary['cases']} cases; label maps in {summary['predictions_dir']}")
+    else:
+        print(format_table(summary))
 
 
 if __name__ == "__main__":

@@ -2,19 +2,138 @@
 
 `predict_case` takes a raw image (C, *spatial) as stored and returns region probabilities
 (R, *spatial) on the same grid, so scores and exported label maps are always at native resolution.
+Resize mode predicts the whole volume resized to data.image_size; patch mode slides a window of
+data.patch_size over the volume (`sliding_window`, a pure function over any predictor callable).
 """
+import itertools
+import math
+
 import torch
 
 from transforms import resize_image, zscore_brain
 
 
+def gaussian_weights(window, sigma_scale=1 / 8, min_weight=1e-3):
+    """Importance map of a window: a Gaussian of std window * sigma_scale, peak 1 at the centre.
+
+    As in nnU-Net, voxels near a window's centre count more than its borders, where the network
+    sees less context. Clamped below at `min_weight` so a voxel covered only by window borders
+    still gets a finite, non-zero normaliser.
+    """
+    weights = torch.ones(())
+    for size in window:
+        centre, sigma = (size - 1) / 2, max(size * sigma_scale, 1e-6)
+        axis = torch.exp(-0.5 * ((torch.arange(size, dtype=torch.float64) - centre) / sigma) ** 2)
+        weights = weights[..., None] * axis
+    weights = weights / weights.max()
+    return weights.clamp_min(min_weight).float()
+
+
+def window_starts(size, window, overlap):
+    """Start offsets along one axis: evenly spaced, stride at most window * (1 - overlap), the
+    last window ending exactly at the border (nnU-Net's layout). Assumes size >= window."""
+    if not 0 <= overlap < 1:
+        raise ValueError(f"sliding-window overlap must be in [0, 1), got {overlap}")
+    stride = max(1, int(window * (1 - overlap)))
+    steps = math.ceil((size - window) / stride) + 1
+    if steps == 1:
+        return [0]
+    spacing = (size - window) / (steps - 1)
+    return [round(i * spacing) for i in range(steps)]
+
+
+def _flips(spatial_dims, mirror):
+    """Axis sets to flip for test-time augmentation: none, or every subset of the spatial axes."""
+    if not mirror:
+        return [()]
+    axes = [2 + a for a in range(spatial_dims)]
+    return [combo for n in range(len(axes) + 1) for combo in itertools.combinations(axes, n)]
+
+
+def _predict_batch(predictor, batch, flips, device):
+    """Mean predictor output over the flips of a batch of windows (N, C, *window)."""
+    batch = batch.to(device)
+    total = None
+    for axes in flips:
+        out = predictor(batch.flip(axes) if axes else batch).float()
+        out = out.flip(axes) if axes else out
+        total = out if total is None else total + out
+    return total / len(flips)
+
+
+@torch.no_grad()
+def sliding_window(predictor, image, window, overlap=0.5, batch_size=2, gaussian=True, mirror=False,
+                   device=None):
+    """Predict a whole volume (C, *spatial) window by window with `predictor`.
+
+    predictor maps (N, C, *window) -> (N, R, *window) (logits or probabilities; they are averaged
+    as they come). Volumes smaller than the window are zero-padded and cropped back. Windows are
+    predicted `batch_size` at a time on `device` (default: the image's) and accumulated, weighted,
+    on the image's device, so memory is the output map plus one batch, never all windows.
+    With `mirror`, each batch is also predicted under every combination of axis flips.
+    Returns (R, *spatial) float32 on the image's device.
+    """
+    image, window = torch.as_tensor(image, dtype=torch.float32), tuple(int(w) for w in window)
+    spatial = tuple(image.shape[1:])
+    if len(window) != len(spatial):
+        raise ValueError(f"window {window} and image spatial shape {spatial} differ in dimensions")
+    pad = [max(w - s, 0) for w, s in zip(window, spatial)]
+    if any(pad):
+        padding = [p for axis_pad in reversed(pad) for p in (axis_pad // 2, axis_pad - axis_pad // 2)]
+        image = torch.nn.functional.pad(image, padding)
+    padded = tuple(image.shape[1:])
+    weights = (gaussian_weights(window) if gaussian else torch.ones(window)).to(image.device)
+    starts = list(itertools.product(*(window_starts(s, w, overlap) for s, w in zip(padded, window))))
+    flips, device = _flips(len(window), mirror), device or image.device
+    output, norm = None, torch.zeros(padded, device=image.device)
+    for first in range(0, len(starts), batch_size):
+        boxes = [tuple(slice(o, o + w) for o, w in zip(start, window)) for start in starts[first:first + batch_size]]
+        batch = torch.stack([image[(slice(None), *box)] for box in boxes])
+        preds = _predict_batch(predictor, batch, flips, device).to(image.device)
+        if output is None:
+            output = torch.zeros((preds.shape[1], *padded), device=image.device)
+        for pred, box in zip(preds, boxes):
+            output[(slice(None), *box)] += pred * weights
+            norm[box] += weights
+    output /= norm
+    crop = tuple(slice(p // 2, p // 2 + s) for p, s in zip(pad, spatial))
+    return output[(slice(None), *crop)].contiguous()
+
+
+def model_predictor(model, device, amp_dtype=None):
+    """The callable sliding_window needs: batch in, float logits out, autocast on CUDA when asked."""
+    def predict(batch):
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            return model(batch).float()
+    return predict
+
+
 @torch.no_grad()
 def predict_case(model, image, cfg, device, amp_dtype=None):
-    """Resize mode: normalise, resize to data.image_size, predict, resize probabilities back."""
+    """Region probabilities (R, *spatial) at the native grid of a raw image (C, *spatial)."""
     model.eval()
+    if cfg.data.mode == "patch":
+        ev = cfg.eval
+        logits = sliding_window(model_predictor(model, device, amp_dtype), zscore_brain(image),
+                                tuple(cfg.data.patch_size), ev.overlap, ev.sw_batch_size, ev.gaussian,
+                                ev.mirror, device)
+        return torch.sigmoid(logits)
+    if cfg.data.mode != "resize":
+        raise ValueError(f"data.mode {cfg.data.mode!r}: choose 'resize' or 'patch'")
     native = tuple(image.shape[1:])
     x = resize_image(zscore_brain(image), tuple(cfg.data.image_size))[None].to(device)
-    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-        logits = model(x)
-    probs = torch.sigmoid(logits.float())[0].cpu()
+    logits = _predict_batch(model_predictor(model, device, amp_dtype), x, _flips(len(native), cfg.eval.mirror),
+                            device)
+    probs = torch.sigmoid(logits)[0].cpu()
     return resize_image(probs, native).clamp_(0, 1)
+
+
+def remove_small_enhancing(regions, min_voxels):
+    """Postprocessing (nnU-Net's for BraTS): a predicted ET smaller than `min_voxels` voxels is
+    relabelled necrosis, i.e. cleared from the ET channel and kept in TC and WT.
+    `regions` is a boolean (3, *spatial) WT/TC/ET array or tensor; returns a new one."""
+    regions = regions.copy() if hasattr(regions, "copy") else regions.clone()
+    if min_voxels > 0 and 0 < int(regions[2].sum()) < min_voxels:
+        regions[1] |= regions[2]
+        regions[2] = False
+    return regions

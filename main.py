@@ -18,7 +18,7 @@ from atomic import write_json
 from cases import DataError, case_id_of
 from checkpoint import CheckpointError
 from config import Config, build_config, split_args, to_dict
-from dataset import BratsDataset, case_format, list_cases, split_cases, validate_cases
+from dataset import build_datasets, case_format, list_cases, split_cases, validate_cases
 from evaluate import evaluate_checkpoint, format_table
 from losses import DiceBCELoss
 from model import build_model
@@ -66,8 +66,8 @@ def run(cfg):
     write_json(os.path.join(run_dir, "config.json"), to_dict(cfg))
     write_json(os.path.join(run_dir, "split.json"), split)
     by_id = {case_id_of(p): p for p in paths}
-    train_set = BratsDataset([by_id[c] for c in split["train"]], cfg.data, train=True, seed=cfg.train.seed)
-    val_set = BratsDataset([by_id[c] for c in split["val"]], cfg.data, train=False)
+    train_set, val_set = build_datasets(cfg.data, [by_id[c] for c in split["train"]],
+                                        [by_id[c] for c in split["val"]], seed=cfg.train.seed)
     device = resolve_device(cfg.train.device)
     model = build_model(cfg.model).to(device)
     log.info("run %s: %d train / %d val / %d test cases, %s, %.2fM parameters", run_dir, len(split["train"]),

@@ -34,6 +34,17 @@ def _surface(mask):
     return mask & ~ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(mask.ndim, 1))
 
 
+def _union_box(a, b, margin=1):
+    """Bounding box of a | b grown by `margin` voxels (clipped at the array): distances between the
+    surfaces are the same inside it, the distance transforms run on far fewer voxels, and the
+    margin keeps the erosion seeing the same neighbourhood as on the whole array."""
+    union, box = a | b, []
+    for axis in range(union.ndim):
+        hits = np.flatnonzero(union.any(axis=tuple(a for a in range(union.ndim) if a != axis)))
+        box.append(slice(max(int(hits[0]) - margin, 0), int(hits[-1]) + margin + 1))
+    return tuple(box)
+
+
 def hd95(pred, truth, spacing=None):
     """95th percentile of the symmetric surface distances, in mm (spacing per axis)."""
     pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
@@ -42,6 +53,8 @@ def hd95(pred, truth, spacing=None):
     if not pred.any() or not truth.any():
         return EMPTY_HD95
     spacing = spacing or (1.0,) * pred.ndim
+    box = _union_box(pred, truth)
+    pred, truth = pred[box], truth[box]
     pred_surface, truth_surface = _surface(pred), _surface(truth)
     to_truth = ndimage.distance_transform_edt(~truth_surface, sampling=spacing)[pred_surface]
     to_pred = ndimage.distance_transform_edt(~pred_surface, sampling=spacing)[truth_surface]

@@ -20,6 +20,7 @@ from atomic import atomic_path, write_text
 from checkpoint import save_checkpoint, unwrap
 from config import to_dict
 from dataset import loader_workers, make_loader
+from inference import model_predictor, sliding_window
 from metrics import confusion, scores_from_counts
 from transforms import REGIONS
 
@@ -85,14 +86,20 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scaler, device, amp_dtype
 
 
 @torch.no_grad()
-def validate(model, loader, loss_fn, device, amp_dtype, threshold):
-    """Mean loss and mean per-case Dice per region (at the training grid, for monitoring)."""
+def validate(model, loader, loss_fn, device, amp_dtype, threshold, window=None, overlap=0.5, sw_batch_size=2):
+    """Mean loss and mean per-case Dice per region (at the training grid, for monitoring).
+
+    With a `window` (patch mode) each batch holds whole cases, predicted by sliding window."""
     model.eval()
     total, count, dice = 0.0, 0, {name: [] for name in REGIONS}
     for batch in loader:
         image, target = batch["image"].to(device), batch["target"].to(device)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            logits = model(image)
+        if window is None:
+            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                logits = model(image)
+        else:
+            predictor = model_predictor(model, device, amp_dtype)
+            logits = torch.stack([sliding_window(predictor, x, window, overlap, sw_batch_size) for x in image])
         total += loss_fn(logits, target).item() * image.shape[0]
         count += image.shape[0]
         pred = (torch.sigmoid(logits.float()) > threshold).cpu().numpy()
@@ -152,7 +159,10 @@ def fit(cfg, model, loss_fn, train_set, val_set, run_dir, device):
     history, started = [], time.time()
     pin = device.type == "cuda"
     workers = loader_workers(cfg.data.num_workers, device)
-    val_loader = make_loader(val_set, cfg.eval.batch_size, False, workers, pin_memory=pin)
+    # patch mode validates whole cases of different sizes by sliding window: one case per batch
+    window = tuple(cfg.data.patch_size) if cfg.data.mode == "patch" else None
+    val_batch = 1 if window else cfg.eval.batch_size
+    val_loader = make_loader(val_set, val_batch, False, workers, pin_memory=pin)
     best_path, last_path = os.path.join(run_dir, "best.pt"), os.path.join(run_dir, "last.pt")
     for epoch in range(1, tc.epochs + 1):
         epoch_start = time.time()
@@ -161,7 +171,8 @@ def fit(cfg, model, loss_fn, train_set, val_set, run_dir, device):
                                    epoch=epoch, pin_memory=pin)
         train_loss = train_one_epoch(model, train_loader, loss_fn, optimizer, scaler, device, amp_dtype,
                                      tc.grad_clip, desc=f"epoch {epoch}/{tc.epochs}")
-        val_loss, val_dice = validate(model, val_loader, loss_fn, device, amp_dtype, cfg.eval.threshold)
+        val_loss, val_dice = validate(model, val_loader, loss_fn, device, amp_dtype, cfg.eval.threshold, window,
+                                      cfg.eval.overlap, cfg.eval.sw_batch_size)
         scheduler.step(val_loss)
         improved = stopper.update(float(np.mean(list(val_dice.values()))))
         history.append({"epoch": epoch, "train_loss": round(train_loss, 5), "val_loss": round(val_loss, 5),
