@@ -10,7 +10,7 @@ or None, spacing in (D, H, W) order, attrs for write_case). They are pure: nothi
   lgg            kaggle_3m/<patient>/<patient>_<n>.tif (256, 256, 3) + <patient>_<n>_mask.tif (0 or 255)
   h5             any per-case .h5 files, read through cases.read_case with a CaseFormat
 
-NIfTI arrays (X, Y, Z) are transposed to (Z, Y, X), as cases.py documents; `to_source_grid` undoes
+NIfTI arrays (X, Y, Z) are transposed to (Z, Y, X), as cases.py documents; `cases.to_original_grid` undoes
 the crop and the transpose so a prediction can be written back with the source affine.
 """
 import glob
@@ -83,18 +83,6 @@ def crop_case(case, source):
     if case.mask is not None:
         case.mask = np.ascontiguousarray(case.mask[region])
     return case
-
-
-def to_source_grid(volume, attrs):
-    """A stored (D, H, W) volume back in the source grid: un-cropped, and transposed to NIfTI (X, Y, Z)
-    when the case came from NIfTI (write it with attrs['affine'])."""
-    if "crop_box" in attrs:
-        full = np.zeros(tuple(attrs["original_shape"]), dtype=volume.dtype)
-        full[tuple(slice(start, stop) for start, stop in attrs["crop_box"])] = volume
-        volume = full
-    if attrs.get("source_format") == "brats-nifti":
-        volume = volume.transpose(2, 1, 0)
-    return volume
 
 
 def _check_image(image, path):

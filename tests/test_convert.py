@@ -12,7 +12,7 @@ from layout_fixtures import (AFFINE, CHANNEL_BASE, write_generic_h5, write_kaggl
 import convert  # noqa: E402
 import main  # noqa: E402
 import prepare_data  # noqa: E402
-from cases import CaseFormat, read_case  # noqa: E402
+from cases import CaseFormat, read_case, to_original_grid  # noqa: E402
 
 nib = pytest.importorskip("nibabel", reason="NIfTI tests need nibabel: pip install -r requirements-extra.txt")
 pytest.importorskip("tifffile", reason="TIFF tests need tifffile: pip install -r requirements-extra.txt")
@@ -62,7 +62,7 @@ def test_brats_folder_converts_cropped_transposed_and_in_2018_labels(tmp_path, c
     assert case.image.shape[1:] == tuple(stop - start for start, stop in box)
     assert np.prod(case.image.shape[1:]) < 18 * 22 * 20  # background cropped away
     expected = np.where(labels == 3, 4, labels)
-    assert np.array_equal(convert.to_source_grid(case.mask, case.attrs), expected)
+    assert np.array_equal(to_original_grid(case.mask, case.attrs), expected)
     assert np.array_equal(case.attrs["affine"], AFFINE)
 
 
@@ -70,7 +70,7 @@ def test_brats_lone_seg_file_with_another_name_is_found(tmp_path):
     """BraTS20_Training_355 ships its segmentation as W39_1998.09.19_Segm.nii."""
     _, _, labels = write_nifti_case(tmp_path, "BraTS20_Training_355", seg_name="W39_1998.09.19_Segm.nii")
     case = convert.read_brats(str(tmp_path / "BraTS20_Training_355"))
-    assert np.array_equal(convert.to_source_grid(case.mask, case.attrs), labels)
+    assert np.array_equal(to_original_grid(case.mask, case.attrs), labels)
 
 
 def test_brats_validation_case_without_seg_converts_image_only(tmp_path):
@@ -199,14 +199,14 @@ def test_real_brats18_affine_and_grid_round_trip_exactly(brats18, tmp_path):
     case = read_case(os.path.join(brats18, f"{case_id}.h5"))
     affine = np.asarray(case.attrs["affine"])
     assert np.array_equal(affine, source.affine)
-    restored = convert.to_source_grid(case.mask, case.attrs)
+    restored = to_original_grid(case.mask, case.attrs)
     assert np.array_equal(restored, np.asarray(source.dataobj))
     nib.save(nib.Nifti1Image(restored, affine), tmp_path / "pred.nii.gz")
     again = nib.load(tmp_path / "pred.nii.gz")
     assert np.array_equal(again.affine, source.affine)
     assert np.array_equal(np.asarray(again.dataobj), np.asarray(source.dataobj))
     flair = np.asarray(nib.load(os.path.join(BRATS18, case_id, f"{case_id}_flair.nii.gz")).dataobj)
-    assert np.array_equal(convert.to_source_grid(case.image[0], case.attrs), flair)
+    assert np.array_equal(to_original_grid(case.image[0], case.attrs), flair)
 
 
 def test_real_brats18_trains_resized_small(brats18, tmp_path):

@@ -123,9 +123,7 @@ def real_dataset(tmp_path_factory):
     if not real_brats.sample_cases():
         pytest.skip(real_brats.SKIP_REASON)
     folder = tmp_path_factory.mktemp("brats_h5")
-    for case_id in real_brats.sample_cases():
-        real_brats.convert_case(case_id, str(folder))
-    return str(folder)
+    return real_brats.convert_all(str(folder))
 
 
 def bounding_box(mask):
