@@ -76,6 +76,9 @@ class TrainConfig:
     out_dir: str = "runs"              # runs are written to out_dir/name
     name: str = ""                     # run folder name; empty: a timestamp
     overwrite: bool = False            # allow writing into an existing, non-empty run folder
+    resume: str = ""                   # checkpoint or run folder to continue from (same as --resume RUN_DIR)
+    deterministic: bool = False        # seed everything and use deterministic algorithms (slower on GPU)
+    max_bad_steps: int = 20            # stop after this many consecutive NaN/Inf steps (0: never)
 
 
 @dataclass
@@ -209,3 +212,16 @@ def to_dict(cfg):
 
 def from_dict(data):
     return apply_dict(Config(), data)
+
+
+# Keys a resumed run may change: they alter when or where training runs, not what it computes.
+RESUME_SAFE_KEYS = {"train.epochs", "train.patience", "train.max_minutes", "train.device", "train.resume",
+                    "train.overwrite", "train.max_bad_steps", "train.out_dir", "train.name", "data.dir",
+                    "data.num_workers", "data.cache_gb", "data.synthetic_cases", "eval.split", "eval.batch_size"}
+
+
+def diff_keys(a, b):
+    """Keys ('section.name') whose values differ between two configs."""
+    flat_a, flat_b = to_dict(a), to_dict(b)
+    return sorted(f"{section}.{name}" for section in flat_a for name in flat_a[section]
+                  if flat_a[section][name] != flat_b[section].get(name))

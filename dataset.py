@@ -108,12 +108,18 @@ def loader_workers(requested, device):
     return 0 if device.type == "cpu" else min(4, os.cpu_count() or 1)
 
 
-def make_loader(dataset, batch_size, shuffle, num_workers, seed=0, epoch=0, pin_memory=False):
-    """A DataLoader whose shuffling order is a pure function of (seed, epoch)."""
-    order = torch.Generator().manual_seed(seed * 7919 + epoch)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
-                      generator=order, pin_memory=pin_memory, drop_last=False,
-                      persistent_workers=False)
+def epoch_order(n, shuffle, seed, epoch):
+    """The sample order of an epoch: a pure function of (seed, epoch), so a resumed run repeats it."""
+    if not shuffle:
+        return list(range(n))
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
+
+
+def make_loader(dataset, batch_size, shuffle, num_workers, seed=0, epoch=0, pin_memory=False, skip_batches=0):
+    """A DataLoader over the epoch's order, skipping the batches a resumed partial epoch already took."""
+    order = epoch_order(len(dataset), shuffle, seed, epoch)[skip_batches * batch_size:]
+    return DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=num_workers,
+                      pin_memory=pin_memory, drop_last=False, persistent_workers=False)
 
 
 MAX_FOREGROUND_POINTS = 10_000  # tumour voxels kept per case for centring patches (as nnU-Net does)

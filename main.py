@@ -5,32 +5,38 @@
 With no .h5 files in the default data.dir, a synthetic BraTS-like dataset is generated there first.
 """
 import argparse
+import json
 import logging
 import os
 import random
+import signal
 import sys
 import time
 
 import numpy as np
 import torch
 
-from atomic import write_json
+from atomic import atomic_path, write_json
 from cases import DataError, case_id_of
-from checkpoint import CheckpointError
-from config import Config, build_config, split_args, to_dict
+from checkpoint import CheckpointError, load_resumable
+from config import RESUME_SAFE_KEYS, Config, build_config, diff_keys, from_dict, split_args, to_dict
 from dataset import build_datasets, case_format, list_cases, split_cases, validate_cases
 from evaluate import evaluate_checkpoint, format_table
 from losses import DiceBCELoss
 from model import build_model
-from train import fit, resolve_device
+from train import TrainingStopped, fit, resolve_device
 
 log = logging.getLogger("main")
 
 
-def seed_everything(seed):
+def seed_everything(seed, deterministic=False):
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS needs it for reproducible GEMMs
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
 
 
 def ensure_data(data_cfg):
@@ -50,30 +56,75 @@ def make_run_dir(train_cfg):
     if os.path.isdir(run_dir) and os.listdir(run_dir) and not train_cfg.overwrite:
         raise FileExistsError(f"{run_dir}: run folder exists and is not empty; choose another --train.name "
                               f"or pass --train.overwrite true")
-    os.makedirs(run_dir, exist_ok=True)
-    if not os.access(run_dir, os.W_OK):
-        raise PermissionError(f"{run_dir}: run folder is not writable")
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+    except OSError as err:
+        raise OutputError(f"{run_dir}: cannot create the run folder ({err.strerror})") from None
     return run_dir
 
 
-def run(cfg):
-    seed_everything(cfg.train.seed)
+def check_writable(folder, nbytes):
+    """Write and delete a file as large as a checkpoint, so a read-only or full disk fails now,
+    not after the first epoch."""
+    probe = os.path.join(folder, ".write-test")
+    try:
+        with atomic_path(probe) as tmp, open(tmp, "wb") as f:
+            f.write(b"\0" * nbytes)
+            f.flush()
+            os.fsync(f.fileno())
+        os.remove(probe)
+    except OSError as err:
+        raise OutputError(f"{folder}: cannot write outputs there ({err.strerror}); need about "
+                          f"{nbytes / 2 ** 20:.0f} MiB free for each checkpoint") from None
+
+
+class OutputError(RuntimeError):
+    """The run folder cannot take the run's outputs."""
+
+
+def resume_config(cfg, state, path):
+    """The checkpoint's config with the harmless overrides given now; refuses result-changing ones."""
+    saved = from_dict(state["config"])
+    changed = diff_keys(saved, cfg)
+    refused = [key for key in changed if key not in RESUME_SAFE_KEYS]
+    if refused:
+        raise ValueError(f"{path}: cannot resume with a config that changes the result: "
+                         f"{', '.join(refused)} differ from the checkpoint (start a new run instead)")
+    for key in changed:
+        log.info("resume: %s changed (allowed)", key)
+    return cfg
+
+
+def run(cfg, resume=None):
+    """Train (or continue `resume`, a (checkpoint path, state) pair) and evaluate the best checkpoint."""
+    seed_everything(cfg.train.seed, cfg.train.deterministic)
     paths = ensure_data(cfg.data)
     validate_cases(paths, case_format(cfg.data))
-    split = split_cases([case_id_of(p) for p in paths], cfg.data.val_fraction, cfg.data.test_fraction,
-                        cfg.data.split_seed)
-    run_dir = make_run_dir(cfg.train)
+    if resume:
+        run_dir = os.path.dirname(os.path.abspath(resume[0]))
+        split = load_split(run_dir, paths)
+    else:
+        split = split_cases([case_id_of(p) for p in paths], cfg.data.val_fraction, cfg.data.test_fraction,
+                            cfg.data.split_seed)
+        run_dir = make_run_dir(cfg.train)
+        write_json(os.path.join(run_dir, "split.json"), split)
     write_json(os.path.join(run_dir, "config.json"), to_dict(cfg))
-    write_json(os.path.join(run_dir, "split.json"), split)
     by_id = {case_id_of(p): p for p in paths}
     train_set, val_set = build_datasets(cfg.data, [by_id[c] for c in split["train"]],
                                         [by_id[c] for c in split["val"]], seed=cfg.train.seed)
     device = resolve_device(cfg.train.device)
     model = build_model(cfg.model).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    check_writable(run_dir, 3 * 4 * n_params)  # weights + Adam's two moments, fp32
     log.info("run %s: %d train / %d val / %d test cases, %s, %.2fM parameters", run_dir, len(split["train"]),
-             len(split["val"]), len(split["test"]), device, sum(p.numel() for p in model.parameters()) / 1e6)
+             len(split["val"]), len(split["test"]), device, n_params / 1e6)
     loss_fn = DiceBCELoss(cfg.train.dice_weight, cfg.train.bce_weight)
-    best_path = fit(cfg, model, loss_fn, train_set, val_set, run_dir, device)
+    best_path, stopped_by = fit(cfg, model, loss_fn, train_set, val_set, run_dir, device,
+                                resume[1] if resume else None)
+    if stopped_by is not None:
+        print(f"stopped by {signal.Signals(stopped_by).name}; last.pt written. Continue with:\n"
+              f"  python main.py --resume {run_dir}")
+        sys.exit(128 + stopped_by)
     if split["test"]:
         summary = evaluate_checkpoint(best_path, "test", run_dir, device=device)
         print(format_table(summary))
@@ -82,20 +133,44 @@ def run(cfg):
     return run_dir
 
 
+def load_split(run_dir, paths):
+    """The saved split of a run being resumed; its cases must all be in the data folder."""
+    path = os.path.join(run_dir, "split.json")
+    try:
+        with open(path) as f:
+            split = json.load(f)
+    except (OSError, ValueError) as err:
+        raise DataError(f"{path}: cannot read the run's split ({err})") from None
+    missing = {c for part in split.values() for c in part} - {case_id_of(p) for p in paths}
+    if missing:
+        raise DataError(f"{path}: {len(missing)} cases of the run's split are not in the data folder "
+                        f"(e.g. {sorted(missing)[:3]})")
+    return split
+
+
 def main(argv=None):
     pairs, rest = split_args(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default=None, help="named set of overrides from config.PRESETS")
     parser.add_argument("--config", default=None, help="JSON file of overrides, applied before the command line")
+    parser.add_argument("--resume", default=None, metavar="RUN_DIR",
+                        help="continue a run from its last.pt (same as --train.resume)")
     args = parser.parse_args(rest)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
         cfg = build_config(pairs, args.preset, args.config)
+        resume_from = args.resume or cfg.train.resume
+        resume = None
+        if resume_from:
+            path, state = load_resumable(resume_from)
+            cfg = resume_config(build_config(pairs, base=from_dict(state["config"])), state, path)
+            resume = (path, state)
         if cfg.model.in_channels != cfg.data.channels:
             raise ValueError(f"model.in_channels ({cfg.model.in_channels}) must equal data.channels "
                              f"({cfg.data.channels})")
-        run(cfg)
-    except (DataError, CheckpointError, KeyError, ValueError, FileExistsError, PermissionError) as err:
+        run(cfg, resume)
+    except (DataError, CheckpointError, KeyError, ValueError, FileExistsError, OutputError,
+            TrainingStopped) as err:
         sys.exit(f"error: {err.args[0] if isinstance(err, KeyError) else err}")
 
 

@@ -4,12 +4,16 @@ A step is: autocast (CUDA only), loss, zero_grad, backward, unscale, clip, optim
 After each epoch: ReduceLROnPlateau on the validation loss, best.pt when the mean validation
 Dice improves, early stopping after `train.patience` epochs without improvement, a row in
 metrics.csv, curves.png redrawn, last.pt written. Every file is written atomically.
+Steps with a NaN/Inf loss or gradient are skipped; SIGINT/SIGTERM end the run after the current
+step with last.pt written, so `main.py --resume RUN_DIR` continues exactly where it stopped.
 """
 import csv
 import io
 import logging
 import math
 import os
+import signal
+import threading
 import time
 
 import numpy as np
@@ -17,7 +21,7 @@ import torch
 from tqdm import tqdm
 
 from atomic import atomic_path, write_text
-from checkpoint import save_checkpoint, unwrap
+from checkpoint import restore_rng_states, rng_states, save_checkpoint, save_last, unwrap
 from config import to_dict
 from dataset import loader_workers, make_loader
 from inference import model_predictor, sliding_window
@@ -65,24 +69,91 @@ class EarlyStopping:
         return {"patience": self.patience, "best": self.best, "bad_epochs": self.bad_epochs}
 
 
-def train_one_epoch(model, loader, loss_fn, optimizer, scaler, device, amp_dtype, grad_clip, desc):
-    model.train()
-    total, count = 0.0, 0
-    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
-        image = batch["image"].to(device, non_blocking=True)
-        target = batch["target"].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            loss = loss_fn(model(image), target)
+class TrainingStopped(RuntimeError):
+    """Training cannot go on (diverged); last.pt still holds the last good epoch."""
+
+
+class GracefulStop:
+    """SIGINT/SIGTERM set a flag the loop checks after each step, instead of killing it mid-write."""
+
+    def __init__(self):
+        self.signal = None
+
+    def __enter__(self):
+        self.previous = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second signal: the user means it
+            raise KeyboardInterrupt
+        self.signal = signum
+        log.warning("%s received: finishing this step, then writing last.pt", signal.Signals(signum).name)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+    @property
+    def requested(self):
+        return self.signal is not None
+
+
+class BadStepGuard:
+    """Skips steps whose loss or gradient is NaN/Inf; too many in a row stop training."""
+
+    def __init__(self, limit):
+        self.limit, self.in_a_row = limit, 0
+
+    def check(self, value, what):
+        if torch.isfinite(value):
+            self.in_a_row = 0
+            return True
+        self.in_a_row += 1
+        log.warning("non-finite %s (%s): step skipped (%d in a row)", what, value.item(), self.in_a_row)
+        if self.limit and self.in_a_row >= self.limit:
+            raise TrainingStopped(f"{self.in_a_row} consecutive steps with a NaN/Inf loss or gradient; "
+                                  f"training stopped, last.pt holds the last good epoch (lower train.lr?)")
+        return False
+
+
+def train_step(model, batch, loss_fn, optimizer, scaler, device, amp_dtype, grad_clip, guard):
+    """One optimisation step; returns the loss, or None when the step was skipped."""
+    image = batch["image"].to(device, non_blocking=True)
+    target = batch["target"].to(device, non_blocking=True)
+    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        loss = loss_fn(model(image), target)
+    optimizer.zero_grad(set_to_none=True)
+    if not guard.check(loss.detach(), "loss"):
+        return None
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else math.inf)
+    # with fp16 the scaler itself skips overflowing steps and lowers its scale: no need to count them
+    if not scaler.is_enabled() and not guard.check(norm, "gradient norm"):
         optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-        if grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-        scaler.step(optimizer)
-        scaler.update()
-        total += loss.item() * image.shape[0]
-        count += image.shape[0]
-    return total / max(count, 1)
+        return None
+    scaler.step(optimizer)
+    scaler.update()
+    return loss.item()
+
+
+def train_one_epoch(model, loader, loss_fn, optimizer, scaler, device, amp_dtype, grad_clip, guard, stop,
+                    progress, desc):
+    """Steps over the loader; `progress` ({"steps", "loss_sum", "count"}) carries a resumed partial epoch.
+    Returns early, with progress up to date, when a stop was requested."""
+    model.train()
+    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+        loss = train_step(model, batch, loss_fn, optimizer, scaler, device, amp_dtype, grad_clip, guard)
+        progress["steps"] += 1
+        if loss is not None:
+            progress["loss_sum"] += loss * len(batch["image"])
+            progress["count"] += len(batch["image"])
+        if stop.requested:
+            break
+    return progress
 
 
 @torch.no_grad()
@@ -140,15 +211,36 @@ def plot_curves(path, rows):
     plt.close(fig)
 
 
-def checkpoint_state(model, optimizer, scheduler, scaler, stopper, epoch, cfg, history):
+def checkpoint_state(model, optimizer, scheduler, scaler, stopper, epoch, cfg, history, partial=None):
+    """Everything needed to continue exactly: `epoch` is the last completed one; `partial` describes
+    steps already taken in the next one when a stop came mid-epoch."""
     return {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
             "early_stopping": stopper.state_dict(), "epoch": epoch, "best_score": stopper.best,
-            "config": to_dict(cfg), "history": history}
+            "config": to_dict(cfg), "history": history, "rng": rng_states(), "partial": partial}
 
 
-def fit(cfg, model, loss_fn, train_set, val_set, run_dir, device):
-    """Train until train.epochs, early stopping or train.max_minutes; returns the path of best.pt."""
+def restore_state(state, model, optimizer, scheduler, scaler, stopper):
+    """Load a checkpoint into the training objects; returns (next epoch, history, epoch progress)."""
+    unwrap(model).load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    scaler.load_state_dict(state["scaler"])
+    stopper.best, stopper.bad_epochs = state["early_stopping"]["best"], state["early_stopping"]["bad_epochs"]
+    restore_rng_states(state["rng"])
+    partial = state.get("partial")
+    progress = {k: partial[k] for k in ("steps", "loss_sum", "count")} if partial else new_progress()
+    return state["epoch"] + 1, list(state["history"]), progress
+
+
+def new_progress():
+    return {"steps": 0, "loss_sum": 0.0, "count": 0}
+
+
+def fit(cfg, model, loss_fn, train_set, val_set, run_dir, device, resume=None):
+    """Train until train.epochs, early stopping, train.max_minutes or a stop signal.
+
+    Returns (path of best.pt, the signal number that stopped training or None)."""
     tc = cfg.train
     optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, "min", factor=tc.lr_factor,
@@ -156,42 +248,52 @@ def fit(cfg, model, loss_fn, train_set, val_set, run_dir, device):
     amp_dtype = autocast_dtype(device, tc.amp)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     stopper = EarlyStopping(tc.patience)
-    history, started = [], time.time()
+    start_epoch, history, progress = 1, [], new_progress()
+    if resume is not None:
+        start_epoch, history, progress = restore_state(resume, model, optimizer, scheduler, scaler, stopper)
+        log.info("resuming at epoch %d%s", start_epoch, f", step {progress['steps']}" if progress["steps"] else "")
     pin = device.type == "cuda"
     workers = loader_workers(cfg.data.num_workers, device)
     # patch mode validates whole cases of different sizes by sliding window: one case per batch
     window = tuple(cfg.data.patch_size) if cfg.data.mode == "patch" else None
     val_batch = 1 if window else cfg.eval.batch_size
     val_loader = make_loader(val_set, val_batch, False, workers, pin_memory=pin)
-    best_path, last_path = os.path.join(run_dir, "best.pt"), os.path.join(run_dir, "last.pt")
-    for epoch in range(1, tc.epochs + 1):
-        epoch_start = time.time()
-        train_set.set_epoch(epoch)
-        train_loader = make_loader(train_set, tc.batch_size, True, workers, seed=tc.seed,
-                                   epoch=epoch, pin_memory=pin)
-        train_loss = train_one_epoch(model, train_loader, loss_fn, optimizer, scaler, device, amp_dtype,
-                                     tc.grad_clip, desc=f"epoch {epoch}/{tc.epochs}")
-        val_loss, val_dice = validate(model, val_loader, loss_fn, device, amp_dtype, cfg.eval.threshold, window,
-                                      cfg.eval.overlap, cfg.eval.sw_batch_size)
-        scheduler.step(val_loss)
-        improved = stopper.update(float(np.mean(list(val_dice.values()))))
-        history.append({"epoch": epoch, "train_loss": round(train_loss, 5), "val_loss": round(val_loss, 5),
-                        "val_dice_wt": round(val_dice["WT"], 4), "val_dice_tc": round(val_dice["TC"], 4),
-                        "val_dice_et": round(val_dice["ET"], 4), "lr": optimizer.param_groups[0]["lr"],
-                        "seconds": round(time.time() - epoch_start, 1)})
-        state = checkpoint_state(model, optimizer, scheduler, scaler, stopper, epoch, cfg, history)
-        if improved:
-            save_checkpoint(best_path, state)
-        save_checkpoint(last_path, state)
-        write_metrics_csv(os.path.join(run_dir, "metrics.csv"), history)
-        plot_curves(os.path.join(run_dir, "curves.png"), history)
-        log.info("epoch %d: train loss %.4f, val loss %.4f, val Dice WT %.3f TC %.3f ET %.3f%s (%.0fs)",
-                 epoch, train_loss, val_loss, val_dice["WT"], val_dice["TC"], val_dice["ET"],
-                 " *best*" if improved else "", time.time() - epoch_start)
-        if stopper.should_stop:
-            log.info("early stopping: no validation Dice improvement for %d epochs", tc.patience)
-            break
-        if tc.max_minutes and time.time() - started > tc.max_minutes * 60:
-            log.info("stopping: train.max_minutes = %g reached", tc.max_minutes)
-            break
-    return best_path
+    best_path, started, guard = os.path.join(run_dir, "best.pt"), time.time(), BadStepGuard(tc.max_bad_steps)
+    with GracefulStop() as stop:
+        for epoch in range(start_epoch, tc.epochs + 1):
+            epoch_start = time.time()
+            train_set.set_epoch(epoch)
+            train_loader = make_loader(train_set, tc.batch_size, True, workers, seed=tc.seed, epoch=epoch,
+                                       pin_memory=pin, skip_batches=progress["steps"])
+            train_one_epoch(model, train_loader, loss_fn, optimizer, scaler, device, amp_dtype, tc.grad_clip,
+                            guard, stop, progress, desc=f"epoch {epoch}/{tc.epochs}")
+            if stop.requested:
+                save_last(run_dir, checkpoint_state(model, optimizer, scheduler, scaler, stopper, epoch - 1, cfg,
+                                                    history, partial=dict(progress, epoch=epoch)))
+                return best_path, stop.signal
+            train_loss = progress["loss_sum"] / max(progress["count"], 1)
+            progress = new_progress()
+            val_loss, val_dice = validate(model, val_loader, loss_fn, device, amp_dtype, cfg.eval.threshold,
+                                          window, cfg.eval.overlap, cfg.eval.sw_batch_size)
+            scheduler.step(val_loss)
+            improved = stopper.update(float(np.mean(list(val_dice.values()))))
+            history.append({"epoch": epoch, "train_loss": round(train_loss, 5), "val_loss": round(val_loss, 5),
+                            "val_dice_wt": round(val_dice["WT"], 4), "val_dice_tc": round(val_dice["TC"], 4),
+                            "val_dice_et": round(val_dice["ET"], 4), "lr": optimizer.param_groups[0]["lr"],
+                            "seconds": round(time.time() - epoch_start, 1)})
+            state = checkpoint_state(model, optimizer, scheduler, scaler, stopper, epoch, cfg, history)
+            if improved:
+                save_checkpoint(best_path, state)
+            save_last(run_dir, state)
+            write_metrics_csv(os.path.join(run_dir, "metrics.csv"), history)
+            plot_curves(os.path.join(run_dir, "curves.png"), history)
+            log.info("epoch %d: train loss %.4f, val loss %.4f, val Dice WT %.3f TC %.3f ET %.3f%s (%.0fs)",
+                     epoch, train_loss, val_loss, val_dice["WT"], val_dice["TC"], val_dice["ET"],
+                     " *best*" if improved else "", time.time() - epoch_start)
+            if stopper.should_stop:
+                log.info("early stopping: no validation Dice improvement for %d epochs", tc.patience)
+                break
+            if tc.max_minutes and time.time() - started > tc.max_minutes * 60:
+                log.info("stopping: train.max_minutes = %g reached", tc.max_minutes)
+                break
+    return best_path, None

@@ -11,6 +11,7 @@ import sys
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from conftest import ROOT, write_blob_dataset
 from layout_fixtures import one_hot, write_kaggle_volume, write_lgg_patient, write_nifti_case
@@ -230,3 +231,130 @@ def test_missing_optional_reader_says_how_to_install(tmp_path):
     code = ("import sys; sys.modules['nibabel'] = None; import prepare_data; "
             f"prepare_data.main(['brats', {str(tmp_path)!r}, {str(tmp_path / 'out')!r}])")
     assert_one_line_error(run_script("-c", code), "reading NIfTI needs nibabel: pip install -r requirements-extra.txt")
+
+
+# ----------------------------------------------------------------------------------------- the matrix
+# Every kind of bad input, through the real entry points (main.py, evaluate.py, prepare_data.py):
+# each must exit non-zero with one line naming the file and the problem, and leave no partial output.
+
+def read_only_folder(tmp_path):
+    """A folder nothing can be written into, even as root (where chmod does not stop writes)."""
+    folder = tmp_path / "read-only"
+    folder.mkdir()
+    os.chmod(folder, 0o555)
+    if os.access(folder, os.W_OK):
+        return "/sys/kernel"  # sysfs refuses new files even for root
+    return str(folder)
+
+
+def checkpoint_of(tmp_path, base_channels, weights_base):
+    """A checkpoint whose config says `base_channels` but whose weights come from `weights_base`."""
+    from config import Config, to_dict
+    from model import UNet
+    cfg = Config()
+    cfg.model.base_channels, cfg.data.dir = base_channels, str(tmp_path / "data")
+    path = tmp_path / "ckpt" / "best.pt"
+    path.parent.mkdir()
+    torch.save({"model": UNet(base_channels=weights_base, depth=3).state_dict(), "config": to_dict(cfg)}, path)
+    return path
+
+
+def corrupt_checkpoint(tmp_path):
+    path = tmp_path / "ckpt" / "best.pt"
+    path.parent.mkdir()
+    path.write_bytes(b"PK\x03\x04 not really a checkpoint")
+    return path
+
+
+def train_on(make_bad):
+    def case(tmp_path):
+        write_blob_dataset(str(tmp_path / "data"), n_cases=3)
+        bad = tmp_path / "data" / "case_bad.h5"
+        make_bad(str(bad))
+        return "main", ["--data.dir", tmp_path / "data", "--train.out_dir", tmp_path / "out"], str(bad)
+    return case
+
+
+def zero_size(path):
+    write_h5(path, image=np.zeros((4, 0, 24, 22), np.float32), mask=np.zeros((0, 24, 22), np.uint8))
+
+
+def empty_folder(tmp_path):
+    (tmp_path / "data").mkdir()
+    return "main", ["--data.dir", tmp_path / "data", "--train.out_dir", tmp_path / "out"], str(tmp_path / "data")
+
+
+def non_h5_file(tmp_path):
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "case_1.nii.gz").write_bytes(b"")
+    return "main", ["--data.dir", tmp_path / "data", "--train.out_dir", tmp_path / "out"], str(tmp_path / "data")
+
+
+def read_only_output(tmp_path):
+    write_blob_dataset(str(tmp_path / "data"), n_cases=3)
+    out = read_only_folder(tmp_path)
+    return "main", ["--data.dir", tmp_path / "data", "--train.out_dir", out, "--train.name", "brats-run"], out
+
+
+def wrong_model_shape(tmp_path):
+    write_blob_dataset(str(tmp_path / "data"), n_cases=2)
+    path = checkpoint_of(tmp_path, base_channels=8, weights_base=4)
+    return "evaluate", ["--checkpoint", path, "--split", "all", "--out", tmp_path / "out"], str(path)
+
+
+def corrupt_ckpt(tmp_path):
+    write_blob_dataset(str(tmp_path / "data"), n_cases=2)
+    path = corrupt_checkpoint(tmp_path)
+    return "evaluate", ["--checkpoint", path, "--split", "all", "--out", tmp_path / "out"], str(path)
+
+
+def missing_ckpt(tmp_path):
+    return "evaluate", ["--checkpoint", tmp_path / "nope.pt", "--out", tmp_path / "out"], str(tmp_path / "nope.pt")
+
+
+def prepare_truncated_nifti(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    bad_brats_truncated(str(src))
+    return "prepare_data", ["brats", src, tmp_path / "out"], str(src / "Bad" / "Bad_t1.nii.gz")
+
+
+MATRIX = {
+    "truncated-h5": (train_on(truncated), "cannot be read as HDF5"),
+    "not-hdf5": (train_on(not_hdf5), "cannot be read as HDF5"),
+    "missing-key": (train_on(missing_key), "no dataset 'mask'; keys present"),
+    "nan-image": (train_on(nan_image), "NaN/Inf"),
+    "shape-mismatch": (train_on(shape_mismatch), "they must match"),
+    "unknown-label": (train_on(bad_labels), "label values [3]"),
+    "wrong-channels": (train_on(wrong_channels), "image has 3 channels"),
+    "zero-size": (train_on(zero_size), "zero size"),
+    "empty-folder": (empty_folder, "no .h5 case files found (empty)"),
+    "non-h5-file": (non_h5_file, "no .h5 case files found (found e.g. ['case_1.nii.gz'])"),
+    "read-only-output": (read_only_output, "cannot"),
+    "checkpoint-other-model": (wrong_model_shape, "weights do not fit the configured model"),
+    "corrupt-checkpoint": (corrupt_ckpt, "not a loadable checkpoint"),
+    "missing-checkpoint": (missing_ckpt, "checkpoint not found"),
+    "truncated-nifti": (prepare_truncated_nifti, "cannot be read as NIfTI"),
+}
+
+
+def exit_message(entry, args):
+    """Run an entry point's main() in-process (what its command line does) and return its exit message."""
+    module = __import__(entry)
+    with pytest.raises(SystemExit) as stop:
+        module.main([str(a) for a in args])
+    return stop.value.code
+
+
+@pytest.mark.parametrize("kind", list(MATRIX))
+def test_bad_input_matrix(tmp_path, capsys, kind):
+    setup, problem = MATRIX[kind]
+    entry, args, named = setup(tmp_path)
+    message = exit_message(entry, args)
+    if entry == "prepare_data":  # skips the bad case with its reason, exits 1
+        assert message == 1
+        message = [line.strip() for line in capsys.readouterr().out.splitlines() if "skipped Bad" in line][0]
+    assert isinstance(message, str) and len(message.splitlines()) == 1, message
+    assert named in message and problem in message, message
+    out = tmp_path / "out"
+    assert not out.exists() or not [p for p in out.rglob("*") if p.is_file()], list(out.rglob("*"))

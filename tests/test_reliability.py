@@ -1,0 +1,184 @@
+"""Never lose a run, never trust a pickle: exact resume, graceful stop, safe loading, NaN guards."""
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from checkpoint import CheckpointError, load_checkpoint, load_resumable, save_checkpoint
+from conftest import ROOT, write_blob_dataset
+from model import UNet
+from train import BadStepGuard, GracefulStop, TrainingStopped, train_one_epoch
+
+TINY = ["--data.image_size", "16", "--model.base_channels", "4", "--model.depth", "2", "--data.num_workers", "0",
+        "--train.batch_size", "2", "--data.val_fraction", "0.2", "--data.test_fraction", "0.2",
+        "--train.deterministic", "true", "--train.seed", "3", "--data.rotate_prob", "0.5"]
+ENV = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+
+
+def start_main(*args):
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, "main.py"), *map(str, args)], env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def metric_rows(run_dir):
+    path = os.path.join(run_dir, "metrics.csv")
+    if not os.path.isfile(path):
+        return []
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(open(path))]
+
+
+def wait_for_rows(proc, run_dir, n, timeout=240):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        if len(metric_rows(run_dir)) >= n:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"run did not reach {n} epochs (exit {proc.poll()}): {proc.stderr.read()[-2000:]}")
+
+
+def final_weights(run_dir):
+    return load_checkpoint(os.path.join(run_dir, "last.pt"))["model"]
+
+
+@pytest.fixture(scope="module")
+def data_and_reference(tmp_path_factory):
+    """A tiny dataset and an uninterrupted 4-epoch run on it, the reference for every resume."""
+    root = tmp_path_factory.mktemp("resume")
+    data = str(root / "data")
+    write_blob_dataset(data, n_cases=8, shape=(18, 20, 16))
+    proc = start_main("--data.dir", data, "--train.out_dir", root, "--train.name", "reference",
+                      "--train.epochs", "4", *TINY)
+    assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    return data, root, os.path.join(root, "reference")
+
+
+def assert_same_run(run_dir, reference):
+    assert metric_rows(run_dir) == metric_rows(reference)
+    mine, theirs = final_weights(run_dir), final_weights(reference)
+    for name in theirs:
+        torch.testing.assert_close(mine[name], theirs[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_sigkill_after_an_epoch_then_resume_matches_an_unbroken_run(data_and_reference):
+    data, root, reference = data_and_reference
+    run_dir = os.path.join(root, "killed")
+    proc = start_main("--data.dir", data, "--train.out_dir", root, "--train.name", "killed",
+                      "--train.epochs", "4", *TINY)
+    wait_for_rows(proc, run_dir, 2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not os.path.isfile(os.path.join(run_dir, "summary.json"))  # it really was cut short
+    resumed = start_main("--resume", run_dir)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    assert_same_run(run_dir, reference)
+    assert os.path.isfile(os.path.join(run_dir, "summary.json"))
+
+
+def test_sigterm_mid_epoch_writes_last_pt_and_resume_continues_exactly(data_and_reference):
+    data, root, reference = data_and_reference
+    run_dir = os.path.join(root, "stopped")
+    proc = start_main("--data.dir", data, "--train.out_dir", root, "--train.name", "stopped",
+                      "--train.epochs", "4", *TINY)
+    wait_for_rows(proc, run_dir, 1)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    assert f"python main.py --resume {run_dir}" in out
+    state = load_checkpoint(os.path.join(run_dir, "last.pt"))
+    assert state["partial"] is not None or state["epoch"] >= 1
+    resumed = start_main("--resume", run_dir)
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
+    assert_same_run(run_dir, reference)
+
+
+def test_resume_refuses_a_result_changing_config_and_allows_more_epochs(data_and_reference, tmp_path):
+    data, root, reference = data_and_reference
+    import main
+    with pytest.raises(SystemExit) as stop:
+        main.main(["--resume", reference, "--model.base_channels", "8", "--train.lr", "0.1"])
+    assert "model.base_channels" in str(stop.value.code) and "train.lr" in str(stop.value.code)
+    path, state = load_resumable(reference)
+    cfg = main.resume_config(main.build_config({"train.epochs": "9"}, base=main.from_dict(state["config"])),
+                             state, path)
+    assert cfg.train.epochs == 9
+
+
+def test_a_damaged_last_pt_falls_back_to_the_previous_one(data_and_reference):
+    _, _, reference = data_and_reference
+    assert os.path.isfile(os.path.join(reference, "last.prev.pt"))
+    damaged = os.path.join(reference, "last.pt")
+    good = open(damaged, "rb").read()
+    try:
+        open(damaged, "wb").write(good[:100])
+        path, state = load_resumable(reference)
+        assert path.endswith("last.prev.pt") and state["epoch"] == 3
+    finally:
+        open(damaged, "wb").write(good)
+
+
+class Payload:
+    """Pickles into a call that would create a file if a loader ever ran it."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_malicious_checkpoint_is_refused_and_its_payload_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "config": {}, "evil": Payload(str(marker))}, str(path))
+    with pytest.raises(CheckpointError, match="evil.pt: not a loadable checkpoint"):
+        load_checkpoint(str(path))
+    assert not marker.exists()
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "evaluate.py"), "--checkpoint", str(path),
+                             "--split", "all"], capture_output=True, text=True, env=ENV)
+    assert result.returncode != 0 and "evil.pt" in result.stderr and "Traceback" not in result.stderr
+    assert not marker.exists()
+
+
+def test_checkpoints_hold_only_plain_containers(tmp_path):
+    state = {"model": UNet(base_channels=4, depth=2).state_dict(), "config": {"a": [1, 2]}, "rng": (3, (1, 2))}
+    save_checkpoint(str(tmp_path / "ok.pt"), state)
+    assert load_checkpoint(str(tmp_path / "ok.pt"))["config"] == {"a": [1, 2]}
+
+
+def tiny_training(loss_fn, limit=3, steps=4):
+    model = UNet(in_channels=1, out_channels=1, base_channels=2, depth=1)
+    batches = [{"image": torch.randn(1, 1, 8, 8, 8), "target": torch.zeros(1, 1, 8, 8, 8)}] * steps
+    optimizer = torch.optim.Adam(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    progress = {"steps": 0, "loss_sum": 0.0, "count": 0}
+    with GracefulStop() as stop:
+        train_one_epoch(model, batches, loss_fn, optimizer, scaler, torch.device("cpu"), None, 1.0,
+                        BadStepGuard(limit), stop, progress, "test")
+    return model, before, progress
+
+
+def test_nan_steps_are_skipped_without_touching_the_weights():
+    calls = []
+
+    def sometimes_nan(logits, target):
+        calls.append(1)
+        loss = logits.mean() * 0 + 1.0
+        return loss * float("nan") if len(calls) % 2 else loss
+
+    model, before, progress = tiny_training(sometimes_nan, limit=3, steps=4)
+    assert progress["steps"] == 4 and progress["count"] == 2  # two good steps counted, two skipped
+    model, before, progress = tiny_training(lambda logits, target: logits.mean() * float("nan"), limit=10)
+    assert progress["count"] == 0
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+
+
+def test_too_many_bad_steps_in_a_row_stop_training():
+    with pytest.raises(TrainingStopped, match="3 consecutive steps"):
+        tiny_training(lambda logits, target: logits.mean() * float("inf"), limit=3, steps=5)
