@@ -14,10 +14,16 @@ from dataclasses import dataclass, field
 class DataConfig:
     dir: str = "data/synthetic"        # folder of .h5 cases; if it holds none, a synthetic set is generated there
     synthetic_cases: int = 48          # cases generated when data.dir is empty
-    mode: str = "resize"               # "resize": whole volume resized to image_size; "patch": random patches
-    image_size: tuple = (48, 48, 48)   # resize target (D, H, W); one int means a cube
+    task: str = "brats"                # "brats": 3 sigmoid maps WT/TC/ET from labels 1/2/4;
+                                       # "binary": one map "tumour" from label 1 (masks 0/1, e.g. Kaggle LGG)
+    mode: str = "resize"               # "resize": whole volume resized to image_size; "patch": random patches;
+                                       # "slices": 2D axial slices of each case (needs model.dims 2)
+    image_size: tuple = (48, 48, 48)   # resize target (D, H, W); one int means a cube; slices mode uses the last two
     patch_size: tuple = (64, 64, 64)   # patch mode: patch size (D, H, W); one int means a cube
-    foreground_fraction: float = 0.33  # patch mode: share of patches centred on tumour
+    foreground_fraction: float = 0.33  # patch mode: share of patches centred on tumour; slices mode: share of
+                                       # sampled slices that hold tumour (the rest are tumour-free slices)
+    slices_per_case: int = 0           # slices mode: slices sampled from each training case per epoch
+                                       # (0: as many as the case has)
     patches_per_case: int = 1          # patch mode: patches drawn from each training case per epoch
     channels: int = 4                  # image channels (FLAIR, T1, T1ce, T2)
     image_key: str = "image"           # .h5 dataset holding the image (e.g. "raw")
@@ -50,7 +56,7 @@ class DataConfig:
 class ModelConfig:
     dims: int = 3                      # 3 for volumes, 2 for slices
     in_channels: int = 4               # input channels (must equal data.channels)
-    out_channels: int = 3              # output channels: WT, TC, ET as sigmoid maps
+    out_channels: int = 3              # output channels, one sigmoid map per region of data.task (brats 3, binary 1)
     base_channels: int = 16            # width of the first stage; doubles each stage
     max_channels: int = 320            # cap on a stage's width (as in nnU-Net)
     depth: int = 3                     # number of downsamplings; inputs must be divisible by 2**depth
@@ -85,12 +91,14 @@ class TrainConfig:
 class EvalConfig:
     split: str = "test"                # "test" | "val" | "all"
     threshold: float = 0.5             # sigmoid threshold for each region
-    batch_size: int = 1                # cases per forward pass during validation (resize mode)
+    batch_size: int = 1                # cases (slices mode: slices) per forward pass in validation and prediction
     overlap: float = 0.5               # patch mode: sliding-window overlap, as a share of the window
     sw_batch_size: int = 2             # patch mode: windows per forward pass (bounds the memory used)
     gaussian: bool = True              # patch mode: weight windows by a Gaussian (centres count more)
     mirror: bool = False               # test-time augmentation: average over every axis flip (8x slower in 3D)
-    postprocess_et_min: int = 0        # predicted ET below this many voxels becomes necrosis (0: off)
+    postprocess_et_min: int = 0        # brats task: predicted ET below this many voxels becomes necrosis (0: off)
+    largest_component: bool = False    # keep only the largest connected (3D) component of each predicted
+                                       # region, as mateuszbuda's LGG reference does
     enhancing_label: int = 4           # label written for enhancing tumour in exported maps (3 for BraTS 2023+)
     save_probabilities: bool = False   # with --save-predictions, also write region probabilities (.npz)
 
@@ -106,6 +114,18 @@ class Config:
 # Presets: named override sets, applied before --config and command-line overrides.
 PRESETS = {
     "tiny": {"data.synthetic_cases": 12, "data.image_size": 32, "train.epochs": 2, "model.base_channels": 8},
+    # Kaggle LGG (mateuszbuda/lgg-mri-segmentation) converted with `prepare_data.py lgg`: a 2D UNet on
+    # 256x256 slices (3 channels: pre-contrast, FLAIR, post-contrast) with one sigmoid "tumour" map.
+    # Native 256x256 as in the reference; on a CPU pass --data.image_size 128,128 (4x fewer pixels).
+    # Augmentation as in the reference: flips, +-15 degree rotations, scaling within 5%; no quarter turns.
+    "lgg2d": {"data.task": "binary", "data.mode": "slices", "data.channels": 3, "data.image_size": "256,256",
+              "data.foreground_fraction": 0.5, "data.slices_per_case": 0, "data.cache_gb": 4.0,
+              "data.rot90_prob": 0.0, "data.rotate_prob": 0.5, "data.max_rotate_deg": 15.0,
+              "data.zoom_prob": 0.5, "data.max_zoom": 0.05,
+              "model.dims": 2, "model.in_channels": 3, "model.out_channels": 1, "model.base_channels": 32,
+              "model.depth": 4, "model.norm": "batch",
+              "train.batch_size": 16, "train.lr": 3e-4, "train.epochs": 50, "train.patience": 10,
+              "eval.batch_size": 16},
 }
 
 SIZE_KEYS = {"image_size", "patch_size"}

@@ -1,10 +1,13 @@
 """The training data: a folder of per-case .h5 files, split per case, served as tensors.
 
-A sample is {"image": (C, *size) float, "target": (3, *size) float WT/TC/ET, "case_id": str}.
-Two training modes (data.mode): "resize" serves whole cases resized to data.image_size;
+A sample is {"image": (C, *size) float, "target": (R, *size) float, "case_id": str}, with one target
+channel per region of data.task (WT/TC/ET for "brats", "tumour" for "binary").
+Three training modes (data.mode): "resize" serves whole cases resized to data.image_size;
 "patch" serves random data.patch_size patches read straight from the chunked HDF5 file (only
 the patch's hyperslab is read), a share of them centred on tumour. Validation in patch mode
-serves whole normalised cases for sliding-window prediction.
+serves whole normalised cases for sliding-window prediction. "slices" serves 2D axial slices
+(for model.dims 2): sampled per case with a set share of tumour slices in training, every
+slice of every case in validation.
 Files are opened lazily in whichever process asks for a sample (DataLoader workers included).
 Augmentation randomness is a pure function of (seed, epoch, index), so a run's samples are the
 same whatever the number of workers, and a resumed run sees the same samples as an unbroken one.
@@ -17,9 +20,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from cases import (BRATS_LABELS, CaseFormat, DataError, as_labels, case_id_of, channel_first, get_dataset,
+from cases import (CaseFormat, DataError, as_labels, case_id_of, channel_first, get_dataset,
                    open_case, parse_label_map, read_case)
-from transforms import augment, labels_to_regions, resize_image, resize_labels, zscore_brain
+from transforms import augment, labels_to_regions, resize_image, resize_labels, task_labels, task_regions, zscore_brain
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -29,7 +32,7 @@ def case_format(data_cfg):
     """How to read the configured data: keys, channel order, labels."""
     return CaseFormat(image_key=data_cfg.image_key, mask_key=data_cfg.mask_key, channels=data_cfg.channels,
                       channel_last=data_cfg.channel_last, label_map=parse_label_map(data_cfg.label_map),
-                      labels=BRATS_LABELS)
+                      labels=task_labels(data_cfg.task))
 
 
 def list_cases(folder):
@@ -69,6 +72,7 @@ class BratsDataset(Dataset):
     def __init__(self, paths, data_cfg, train, seed=0):
         self.paths, self.cfg, self.train, self.seed = list(paths), data_cfg, train, seed
         self.fmt = case_format(data_cfg)
+        self.regions = task_regions(data_cfg.task)
         self.epoch = 0
         self.cache, self.cached_bytes = {}, 0
 
@@ -98,7 +102,7 @@ class BratsDataset(Dataset):
         image, mask, case_id = self.prepared(index)
         if self.train and self.cfg.augment:
             image, mask = augment(image, mask, self.generator(index), self.cfg)
-        return {"image": image, "target": labels_to_regions(mask), "case_id": case_id}
+        return {"image": image, "target": labels_to_regions(mask, self.regions), "case_id": case_id}
 
 
 def loader_workers(requested, device):
@@ -225,7 +229,7 @@ class PatchDataset(BratsDataset):
         mask = torch.from_numpy(mask)
         if self.train and self.cfg.augment:
             image, mask = augment(image, mask, gen, self.cfg)
-        return {"image": image, "target": labels_to_regions(mask), "case_id": case_id_of(path)}
+        return {"image": image, "target": labels_to_regions(mask, self.regions), "case_id": case_id_of(path)}
 
 
 def normalise(raw, mean, std):
@@ -240,14 +244,86 @@ class CaseDataset(BratsDataset):
 
     def __getitem__(self, index):
         case = read_case(self.paths[index], self.fmt)
-        return {"image": zscore_brain(case.image), "target": labels_to_regions(case.mask), "case_id": case.case_id}
+        return {"image": zscore_brain(case.image), "target": labels_to_regions(case.mask, self.regions),
+                "case_id": case.case_id}
+
+
+def slice_size(data_cfg):
+    """The 2D (H, W) slices are resized to: the last two axes of data.image_size."""
+    return tuple(data_cfg.image_size)[-2:]
+
+
+def slice_count(path, fmt):
+    """Number of axial slices (D) of a case, read from the image's shape without loading it."""
+    with open_case(path) as f:
+        shape = get_dataset(f, path, fmt.image_key).shape
+    return channel_first(np.broadcast_to(np.float32(0), shape), path, fmt).shape[1]
+
+
+def pick_slice(tumour, fraction, gen):
+    """A slice index: with probability `fraction` one holding tumour, else one without (either at
+    random); when a case has only one kind, any slice. `tumour` is a boolean per slice."""
+    want_tumour = bool(torch.rand((), generator=gen) < fraction)
+    pool = np.flatnonzero(tumour == want_tumour)
+    if len(pool) == 0:
+        pool = np.arange(len(tumour))
+    return int(pool[int(torch.randint(len(pool), (), generator=gen))])
+
+
+class SliceDataset(BratsDataset):
+    """2D axial slices of each case (slices mode), resized to the last two axes of data.image_size.
+
+    Each case is z-scored over its whole brain (as in 3D), so a slice's intensities do not depend
+    on how much brain it cuts. Training draws data.slices_per_case slices per case and epoch (0: as
+    many as it has), a data.foreground_fraction share of them with tumour; validation serves every
+    slice of every case in order.
+    """
+
+    def __init__(self, paths, data_cfg, train, seed=0):
+        super().__init__(paths, data_cfg, train, seed)
+        depths = [slice_count(p, self.fmt) for p in self.paths]
+        per_case = [data_cfg.slices_per_case or d for d in depths] if train else depths
+        self.ends = np.cumsum(per_case)
+
+    def __len__(self):
+        return int(self.ends[-1]) if len(self.ends) else 0
+
+    def prepared(self, index):
+        """(image (C, D, h, w), mask (D, h, w), tumour per slice, case_id), cached up to data.cache_gb."""
+        if index in self.cache:
+            return self.cache[index]
+        case = read_case(self.paths[index], self.fmt)
+        # keeping D, a trilinear (nearest) resize is exactly a per-slice bilinear (nearest) one
+        size = (case.mask.shape[0], *slice_size(self.cfg))
+        image = resize_image(zscore_brain(case.image), size)
+        mask = resize_labels(torch.from_numpy(case.mask), size)
+        item = (image, mask, case.mask.reshape(len(case.mask), -1).any(1), case.case_id)
+        nbytes = image.nbytes + mask.nbytes
+        if self.cached_bytes + nbytes <= self.cfg.cache_gb * 2 ** 30:
+            self.cache[index], self.cached_bytes = item, self.cached_bytes + nbytes
+        return item
+
+    def __getitem__(self, index):
+        case_index = int(np.searchsorted(self.ends, index, side="right"))
+        image, mask, tumour, case_id = self.prepared(case_index)
+        if self.train:
+            gen = self.generator(index)
+            z = pick_slice(tumour, self.cfg.foreground_fraction, gen)
+        else:
+            z = index - (int(self.ends[case_index - 1]) if case_index else 0)
+        image, mask = image[:, z], mask[z]
+        if self.train and self.cfg.augment:
+            image, mask = augment(image, mask, gen, self.cfg)
+        return {"image": image, "target": labels_to_regions(mask, self.regions), "case_id": case_id}
 
 
 def build_datasets(data_cfg, train_paths, val_paths, seed=0):
-    """(train set, validation set) for data.mode: resized cases, or patches and whole cases."""
+    """(train set, validation set) for data.mode: resized cases, patches and whole cases, or slices."""
     if data_cfg.mode == "resize":
         return (BratsDataset(train_paths, data_cfg, train=True, seed=seed),
                 BratsDataset(val_paths, data_cfg, train=False))
     if data_cfg.mode == "patch":
         return PatchDataset(train_paths, data_cfg, train=True, seed=seed), CaseDataset(val_paths, data_cfg, False)
-    raise ValueError(f"data.mode {data_cfg.mode!r}: choose 'resize' or 'patch'")
+    if data_cfg.mode == "slices":
+        return SliceDataset(train_paths, data_cfg, train=True, seed=seed), SliceDataset(val_paths, data_cfg, False)
+    raise ValueError(f"data.mode {data_cfg.mode!r}: choose 'resize', 'patch' or 'slices'")

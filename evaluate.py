@@ -7,6 +7,10 @@ The model is rebuilt from the config stored in the checkpoint; data.* and eval.*
 overridden on the command line. Writes per_case.csv and summary.json (means, std and median over
 cases of Dice, IoU, sensitivity, specificity and HD95 per region) to --out (default: the
 checkpoint's folder), prints a table, and draws an overlay PNG per case in --out/overlays.
+Binary tasks (data.task binary, e.g. Kaggle LGG) are scored per patient: each patient's slices
+stacked into one volume, voxel counts summed, Dice and IoU from those counts (the headline; no
+HD95, whose empty-case value is BraTS's); beside it, under "per_slice", Dice and IoU averaged over
+the tumour-containing slices and the number of tumour-free slices with a false-positive prediction.
 --save-predictions writes a label map per case to --out/predictions (NIfTI on the source grid
 and affine for cases converted from NIfTI, else .h5; see export.py). --predict is for cases
 without labels: it only predicts and exports (use it with --split all).
@@ -27,11 +31,11 @@ from checkpoint import CheckpointError, load_checkpoint, load_weights
 from config import build_config, from_dict, split_args
 from dataset import case_format, list_cases
 from export import export_case
-from inference import predict_case, remove_small_enhancing
-from metrics import score_case, summarise
+from inference import keep_largest_component, predict_case, remove_small_enhancing
+from metrics import METRICS, pool_slice_scores, score_case, slice_scores, summarise
 from model import build_model
 from train import autocast_dtype, resolve_device
-from transforms import REGIONS, labels_to_regions
+from transforms import labels_to_regions, task_regions
 
 log = logging.getLogger(__name__)
 
@@ -62,47 +66,79 @@ def scoring_grid(regions, attrs):
     return regions
 
 
+def postprocess(pred, eval_cfg, task):
+    """The configured postprocessing of a boolean (R, *spatial) prediction."""
+    if task == "brats":
+        pred = remove_small_enhancing(pred, eval_cfg.postprocess_et_min)
+    if eval_cfg.largest_component:
+        pred = keep_largest_component(pred)
+    return pred
+
+
 def evaluate_cases(model, paths, cfg, device, out_dir=None, save_predictions=False, overlays=False,
                    labelled=True):
     """Predict each case, postprocess, score it (when `labelled`) and export what was asked for;
     returns a list of (case_id, {region: {metric: value}}) (empty scores when unlabelled)."""
     fmt, amp_dtype, results = case_format(cfg.data), autocast_dtype(device, cfg.train.amp), []
+    task, regions = cfg.data.task, task_regions(cfg.data.task)
     for path in tqdm(paths, desc="evaluate" if labelled else "predict", leave=False, dynamic_ncols=True):
         case = read_case(path, fmt, with_mask=labelled)
         probs = predict_case(model, case.image, cfg, device, amp_dtype)
-        pred = remove_small_enhancing((probs > cfg.eval.threshold).numpy(), cfg.eval.postprocess_et_min)
+        pred = postprocess((probs > cfg.eval.threshold).numpy(), cfg.eval, task)
         scores = {}
         if labelled:
-            truth = labels_to_regions(case.mask).numpy() > 0.5
-            scores = score_case(scoring_grid(pred, case.attrs), scoring_grid(truth, case.attrs), list(REGIONS),
-                                case.spacing)
+            truth = labels_to_regions(case.mask, regions).numpy() > 0.5
+            scores = score_case(scoring_grid(pred, case.attrs), scoring_grid(truth, case.attrs), list(regions),
+                                case.spacing, with_hd95=task == "brats")
+            if task == "binary":
+                scores["slices"] = slice_scores(pred[0], truth[0])
         if save_predictions or overlays:
             export_case(out_dir, case, pred, probs.numpy() if cfg.eval.save_probabilities else None,
-                        cfg.eval.enhancing_label, predictions=save_predictions, overlay=overlays)
+                        cfg.eval.enhancing_label, predictions=save_predictions, overlay=overlays, regions=regions)
         results.append((case.case_id, scores))
     return results
 
 
-def write_reports(out_dir, results, split, extra):
-    rows = [{"case": cid, **{f"{r}_{m}": round(v, 5) for r, s in scores.items() for m, v in s.items()}}
-            for cid, scores in results]
+PER_PATIENT = ("per patient: each patient's slices stacked into one volume, voxel counts summed, Dice and "
+               "IoU from those counts; mean over patients")
+PER_SLICE = ("per slice: Dice and IoU averaged over the slices whose truth holds tumour (tumour-free slices are "
+             "not scored; false_positive_slices counts those with any predicted tumour)")
+
+
+def write_reports(out_dir, results, split, extra, region_names=("WT", "TC", "ET")):
+    """per_case.csv and summary.json; a binary task's per-case "slices" figures are pooled into
+    summary["per_slice"], and each figure says how it was computed."""
+    rows = [{"case": cid, **{f"{r}_{m}": "" if v is None else round(v, 5) for r, s in scores.items()
+                             for m, v in s.items()}} for cid, scores in results]
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
     write_text(os.path.join(out_dir, "per_case.csv"), buffer.getvalue())
     summary = {"split": split, "cases": len(results), **extra,
-               "regions": summarise([scores for _, scores in results], list(REGIONS))}
+               "regions": summarise([scores for _, scores in results], list(region_names))}
+    if results and "slices" in results[0][1]:
+        summary["regions_scoring"] = PER_PATIENT
+        summary["per_slice"] = {"scoring": PER_SLICE, **pool_slice_scores([s["slices"] for _, s in results])}
     write_json(os.path.join(out_dir, "summary.json"), summary)
     return summary
 
 
 def format_table(summary):
-    metrics = ("dice", "iou", "sensitivity", "specificity", "hd95")
-    lines = [f"{summary['split']} split, {summary['cases']} cases (means over cases)",
+    first = next(iter(summary["regions"].values()), {})
+    metrics = [m for m in METRICS if m in first]
+    per_slice = summary.get("per_slice")
+    scoring = "per-patient scores (slices stacked, 3D counts), means over patients" if per_slice else "means over cases"
+    lines = [f"{summary['split']} split, {summary['cases']} cases: {scoring}",
              f"{'region':<8}" + "".join(f"{m:>13}" for m in metrics)]
     for region, values in summary["regions"].items():
         lines.append(f"{region:<8}" + "".join(f"{values.get(m, float('nan')):>13.4f}" for m in metrics))
+    if per_slice:
+        dice, iou = (per_slice[k] for k in ("dice_over_tumour_slices", "iou_over_tumour_slices"))
+        lines.append(f"per-slice over {per_slice['tumour_slices']} tumour-containing slices: "
+                     + (f"Dice {dice:.4f}, IoU {iou:.4f}" if dice is not None else "none to score"))
+        lines.append(f"false-positive slices: {per_slice['false_positive_slices']} of "
+                     f"{per_slice['empty_slices']} tumour-free slices have predicted tumour")
     return "\n".join(lines)
 
 
@@ -132,7 +168,9 @@ def evaluate_checkpoint(checkpoint_path, split="test", out_dir=None, overrides=N
         return {"split": split, "cases": len(results), "predicted": [cid for cid, _ in results],
                 "predictions_dir": os.path.join(out_dir, "predictions")}
     summary = write_reports(out_dir, results, split, {"checkpoint": os.path.abspath(checkpoint_path),
-                                                      "data_dir": os.path.abspath(cfg.data.dir)})
+                                                      "data_dir": os.path.abspath(cfg.data.dir),
+                                                      "task": cfg.data.task},
+                            list(task_regions(cfg.data.task)))
     log.info("wrote %s and %s", os.path.join(out_dir, "per_case.csv"), os.path.join(out_dir, "summary.json"))
     return summary
 

@@ -7,6 +7,7 @@ Any other case gets `<case>.h5` with a uint8 dataset 'mask' on the case's stored
 when the case records a crop box). Probabilities go to `<case>_probabilities.npz` (float16
 WT/TC/ET, same grid and axis order as the label map). Overlays are PNGs of the FLAIR slice with
 the most tumour, ground truth and prediction contours per region. Every file is written atomically.
+A binary task (one region, e.g. Kaggle LGG) writes label 1 where tumour is predicted.
 """
 import gzip
 import io
@@ -21,11 +22,13 @@ from cases import to_original_grid
 from transforms import REGIONS, labels_to_regions, regions_to_labels
 
 log = logging.getLogger(__name__)
-REGION_COLOURS = {"WT": "#2ca02c", "TC": "#ffbf00", "ET": "#d62728"}
+REGION_COLOURS = {"WT": "#2ca02c", "TC": "#ffbf00", "ET": "#d62728", "tumour": "#2ca02c"}
 
 
 def label_map(regions, enhancing_label=4):
-    """Boolean WT/TC/ET (3, *spatial) -> uint8 BraTS label map."""
+    """Boolean WT/TC/ET (3, *spatial) -> uint8 BraTS label map; one region (1, *spatial) -> 0/1."""
+    if len(regions) == 1:
+        return np.asarray(regions[0], np.uint8)
     return regions_to_labels(np.asarray(regions, bool), enhancing_label).numpy().astype(np.uint8)
 
 
@@ -54,12 +57,12 @@ def save_label_map(out_dir, case_id, labels, attrs, spacing):
     return path
 
 
-def save_probabilities(out_dir, case_id, probs, attrs):
+def save_probabilities(out_dir, case_id, probs, attrs, region_names=tuple(REGIONS)):
     """Region probabilities (R, D, H, W) as float16 .npz on the same grid as the label map."""
     path = os.path.join(out_dir, f"{case_id}_probabilities.npz")
     data = to_original_grid(np.asarray(probs, np.float16), attrs)
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, probabilities=data, regions=np.array(list(REGIONS)))
+    np.savez_compressed(buffer, probabilities=data, regions=np.array(list(region_names)))
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(buffer.getvalue())
     return path
@@ -76,7 +79,7 @@ def largest_tumour_slice(regions):
     return int(area.argmax()) if area.any() else regions.shape[1] // 2
 
 
-def save_overlay(path, flair, pred_regions, truth_regions=None, title=""):
+def save_overlay(path, flair, pred_regions, truth_regions=None, title="", region_names=tuple(REGIONS)):
     """PNG of the FLAIR slice with the largest tumour, with region contours: one panel for the
     ground truth (when given) and one for the prediction."""
     import matplotlib
@@ -89,13 +92,13 @@ def save_overlay(path, flair, pred_regions, truth_regions=None, title=""):
     fig, axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 4.8), squeeze=False)
     for ax, (name, regions) in zip(axes[0], panels):
         ax.imshow(flair[z], cmap="gray", interpolation="nearest")
-        for region, channel in zip(REGIONS, regions):
+        for region, channel in zip(region_names, regions):
             if channel[z].any():
                 ax.contour(channel[z].astype(float), levels=[0.5], colors=REGION_COLOURS[region], linewidths=1)
         ax.set_title(f"{name}, slice {z}")
         ax.axis("off")
-    handles = [Line2D([], [], color=c, label=r) for r, c in REGION_COLOURS.items()]
-    fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False)
+    handles = [Line2D([], [], color=REGION_COLOURS[r], label=r) for r in region_names]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False)
     fig.suptitle(title)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=80)
@@ -103,10 +106,12 @@ def save_overlay(path, flair, pred_regions, truth_regions=None, title=""):
     return path
 
 
-def export_case(out_dir, case, pred_regions, probs=None, enhancing_label=4, predictions=True, overlay=True):
+def export_case(out_dir, case, pred_regions, probs=None, enhancing_label=4, predictions=True, overlay=True,
+                regions=REGIONS):
     """Every requested output of one predicted case; returns the paths written.
 
-    case: cases.Case (mask may be None); pred_regions: boolean (3, D, H, W) on the stored grid.
+    case: cases.Case (mask may be None); pred_regions: boolean (R, D, H, W) on the stored grid, one
+    channel per entry of `regions` ({name: labels}, the task's regions).
     """
     written = []
     if predictions:
@@ -114,10 +119,10 @@ def export_case(out_dir, case, pred_regions, probs=None, enhancing_label=4, pred
         labels = label_map(pred_regions, enhancing_label)
         written.append(save_label_map(folder, case.case_id, labels, case.attrs, case.spacing))
         if probs is not None:
-            written.append(save_probabilities(folder, case.case_id, probs, case.attrs))
+            written.append(save_probabilities(folder, case.case_id, probs, case.attrs, list(regions)))
     if overlay:
-        truth = labels_to_regions(case.mask).numpy() > 0.5 if case.mask is not None else None
+        truth = labels_to_regions(case.mask, regions).numpy() > 0.5 if case.mask is not None else None
         flair = case.image[flair_channel(case.attrs)]
         written.append(save_overlay(os.path.join(out_dir, "overlays", f"{case.case_id}.png"), flair,
-                                    np.asarray(pred_regions, bool), truth, case.case_id))
+                                    np.asarray(pred_regions, bool), truth, case.case_id, list(regions)))
     return written

@@ -3,12 +3,15 @@
 `predict_case` takes a raw image (C, *spatial) as stored and returns region probabilities
 (R, *spatial) on the same grid, so scores and exported label maps are always at native resolution.
 Resize mode predicts the whole volume resized to data.image_size; patch mode slides a window of
-data.patch_size over the volume (`sliding_window`, a pure function over any predictor callable).
+data.patch_size over the volume (`sliding_window`, a pure function over any predictor callable);
+slices mode predicts each axial slice with a 2D model, eval.batch_size slices at a time.
 """
 import itertools
 import math
 
+import numpy as np
 import torch
+from scipy import ndimage
 
 from transforms import resize_image, zscore_brain
 
@@ -118,14 +121,53 @@ def predict_case(model, image, cfg, device, amp_dtype=None):
                                 tuple(cfg.data.patch_size), ev.overlap, ev.sw_batch_size, ev.gaussian,
                                 ev.mirror, device)
         return torch.sigmoid(logits)
+    if cfg.data.mode == "slices":
+        return predict_slices(model_predictor(model, device, amp_dtype), image, tuple(cfg.data.image_size)[-2:],
+                              cfg.eval.batch_size, cfg.eval.mirror, device)
     if cfg.data.mode != "resize":
-        raise ValueError(f"data.mode {cfg.data.mode!r}: choose 'resize' or 'patch'")
+        raise ValueError(f"data.mode {cfg.data.mode!r}: choose 'resize', 'patch' or 'slices'")
     native = tuple(image.shape[1:])
     x = resize_image(zscore_brain(image), tuple(cfg.data.image_size))[None].to(device)
     logits = _predict_batch(model_predictor(model, device, amp_dtype), x, _flips(len(native), cfg.eval.mirror),
                             device)
     probs = torch.sigmoid(logits)[0].cpu()
     return resize_image(probs, native).clamp_(0, 1)
+
+
+@torch.no_grad()
+def predict_slices(predictor, image, size, batch_size=16, mirror=False, device=None):
+    """Probabilities (R, D, H, W) of a raw volume (C, D, H, W), slice by slice with a 2D predictor.
+
+    The volume is z-scored over its whole brain (as in training), each slice resized to `size`
+    (h, w), predicted `batch_size` slices at a time, and the probabilities resized back to the
+    native (H, W), so scores are counted on the source pixels.
+    """
+    image = zscore_brain(image)
+    depth, native = image.shape[1], tuple(image.shape[2:])
+    slices = image.transpose(0, 1)  # (D, C, H, W): slices as a batch
+    if native != tuple(size):
+        slices = torch.nn.functional.interpolate(slices, size=tuple(size), mode="bilinear", align_corners=False)
+    flips, device = _flips(2, mirror), device or image.device
+    probs = []
+    for first in range(0, depth, max(1, batch_size)):
+        logits = _predict_batch(predictor, slices[first:first + max(1, batch_size)], flips, device)
+        probs.append(torch.sigmoid(logits).cpu())
+    probs = torch.cat(probs)
+    if native != tuple(size):
+        probs = torch.nn.functional.interpolate(probs, size=native, mode="bilinear", align_corners=False)
+    return probs.transpose(0, 1).clamp_(0, 1).contiguous()
+
+
+def keep_largest_component(regions):
+    """Postprocessing (mateuszbuda's LGG reference): in each region channel of a boolean
+    (R, *spatial) array keep only the largest face-connected component; returns a new array."""
+    regions = np.array(regions, dtype=bool)
+    for channel in regions:
+        components, count = ndimage.label(channel)
+        if count > 1:
+            sizes = np.bincount(components.ravel())[1:]
+            channel[...] = components == 1 + int(sizes.argmax())
+    return regions
 
 
 def remove_small_enhancing(regions, min_voxels):

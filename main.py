@@ -25,6 +25,7 @@ from evaluate import evaluate_checkpoint, format_table
 from losses import DiceBCELoss
 from model import build_model
 from train import TrainingStopped, fit, resolve_device
+from transforms import task_regions
 
 log = logging.getLogger("main")
 
@@ -148,6 +149,17 @@ def load_split(run_dir, paths):
     return split
 
 
+def check_task(cfg):
+    """The model must fit the task: one output per region, 2D exactly when the data are slices."""
+    regions = task_regions(cfg.data.task)
+    if cfg.model.out_channels != len(regions):
+        raise ValueError(f"model.out_channels ({cfg.model.out_channels}) must equal the {len(regions)} regions of "
+                         f"data.task {cfg.data.task} ({', '.join(regions)})")
+    if (cfg.model.dims == 2) != (cfg.data.mode == "slices"):
+        raise ValueError(f"model.dims {cfg.model.dims} does not fit data.mode {cfg.data.mode}: 2D models train "
+                         f"on data.mode slices, 3D models on resize or patch")
+
+
 def main(argv=None):
     pairs, rest = split_args(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -168,6 +180,7 @@ def main(argv=None):
         if cfg.model.in_channels != cfg.data.channels:
             raise ValueError(f"model.in_channels ({cfg.model.in_channels}) must equal data.channels "
                              f"({cfg.data.channels})")
+        check_task(cfg)
         run(cfg, resume)
     except (DataError, CheckpointError, KeyError, ValueError, FileExistsError, OutputError,
             TrainingStopped) as err:

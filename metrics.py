@@ -1,4 +1,5 @@
-"""BraTS scores for one case, computed from voxel counts at the case's native resolution.
+"""BraTS scores for one case, computed from voxel counts at the case's native resolution,
+and the per-slice figures of binary (2D) tasks.
 
 Per region: Dice, IoU, sensitivity, specificity and HD95 (mm). The BraTS rules for empty
 regions: truth and prediction both empty -> Dice 1, IoU 1, HD95 0, sensitivity 1; exactly one
@@ -82,3 +83,34 @@ def summarise(per_case, region_names):
             summary[name][f"{metric}_std"] = float(values.std())
             summary[name][f"{metric}_median"] = float(np.median(values))
     return summary
+
+
+def slice_scores(pred, truth):
+    """Per-slice figures of one binary (D, H, W) case, slices along axis 0 (the 2D view of the LGG
+    reference): Dice and IoU averaged over the slices whose truth holds tumour, and how many of the
+    tumour-free slices got any predicted tumour (false-positive slices). Empty slices are counted,
+    never scored as Dice 1: that would reward the easy slices and hide the hard ones.
+    Returns {tumour_slices, dice, iou (None without tumour slices), empty_slices, false_positive_slices}."""
+    pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
+    has_tumour = truth.reshape(len(truth), -1).any(1)
+    predicted = pred.reshape(len(pred), -1).any(1)
+    scores = [scores_from_counts(*confusion(p, t)) for p, t in zip(pred[has_tumour], truth[has_tumour])]
+    return {"tumour_slices": int(has_tumour.sum()),
+            "dice": float(np.mean([s["dice"] for s in scores])) if scores else None,
+            "iou": float(np.mean([s["iou"] for s in scores])) if scores else None,
+            "empty_slices": int((~has_tumour).sum()),
+            "false_positive_slices": int((predicted & ~has_tumour).sum())}
+
+
+def pool_slice_scores(per_case):
+    """Per-slice Dice and IoU as means over every tumour slice of every case (each case's mean
+    weighted by its tumour-slice count), and the false-positive slices summed over cases."""
+    n = sum(c["tumour_slices"] for c in per_case)
+
+    def pooled(metric):
+        total = sum(c[metric] * c["tumour_slices"] for c in per_case if c["tumour_slices"])
+        return float(total / n) if n else None
+
+    return {"tumour_slices": n, "dice_over_tumour_slices": pooled("dice"), "iou_over_tumour_slices": pooled("iou"),
+            "empty_slices": int(sum(c["empty_slices"] for c in per_case)),
+            "false_positive_slices": int(sum(c["false_positive_slices"] for c in per_case))}

@@ -26,10 +26,12 @@ from config import to_dict
 from dataset import loader_workers, make_loader
 from inference import model_predictor, sliding_window
 from metrics import confusion, scores_from_counts
-from transforms import REGIONS
+from transforms import task_regions
 
 log = logging.getLogger(__name__)
-CSV_FIELDS = ["epoch", "train_loss", "val_loss", "val_dice_wt", "val_dice_tc", "val_dice_et", "lr", "seconds"]
+
+# metrics.csv columns: epoch, train_loss, val_loss, val_dice_<region> per region of data.task
+# (val_dice_wt/tc/et for BraTS, val_dice_tumour for binary), lr, seconds: the keys of a history row.
 
 
 def resolve_device(name):
@@ -157,12 +159,15 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scaler, device, amp_dtype
 
 
 @torch.no_grad()
-def validate(model, loader, loss_fn, device, amp_dtype, threshold, window=None, overlap=0.5, sw_batch_size=2):
+def validate(model, loader, loss_fn, device, amp_dtype, threshold, window=None, overlap=0.5, sw_batch_size=2,
+             region_names=("WT", "TC", "ET")):
     """Mean loss and mean per-case Dice per region (at the training grid, for monitoring).
 
-    With a `window` (patch mode) each batch holds whole cases, predicted by sliding window."""
+    Voxel counts are summed per case before Dice is taken, so the 2D slices of one case score as
+    one volume (an empty slice predicted empty is not a free 1). With a `window` (patch mode) each
+    batch holds whole cases, predicted by sliding window."""
     model.eval()
-    total, count, dice = 0.0, 0, {name: [] for name in REGIONS}
+    total, count, counts = 0.0, 0, {}
     for batch in loader:
         image, target = batch["image"].to(device), batch["target"].to(device)
         if window is None:
@@ -175,15 +180,17 @@ def validate(model, loader, loss_fn, device, amp_dtype, threshold, window=None, 
         count += image.shape[0]
         pred = (torch.sigmoid(logits.float()) > threshold).cpu().numpy()
         truth = target.cpu().numpy() > 0.5
-        for p, t in zip(pred, truth):
-            for r, name in enumerate(REGIONS):
-                dice[name].append(scores_from_counts(*confusion(p[r], t[r]))["dice"])
-    return total / max(count, 1), {name: float(np.mean(v)) for name, v in dice.items()}
+        for case_id, p, t in zip(batch["case_id"], pred, truth):
+            case = counts.setdefault(case_id, np.zeros((len(region_names), 4), np.int64))
+            case += [confusion(p[r], t[r]) for r in range(len(region_names))]
+    dice = {name: float(np.mean([scores_from_counts(*case[r])["dice"] for case in counts.values()]))
+            for r, name in enumerate(region_names)}
+    return total / max(count, 1), dice
 
 
 def write_metrics_csv(path, rows):
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_FIELDS)
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
     writer.writeheader()
     writer.writerows(rows)
     write_text(path, buffer.getvalue())
@@ -199,8 +206,8 @@ def plot_curves(path, rows):
     ax_loss.plot(epochs, [r["train_loss"] for r in rows], label="train")
     ax_loss.plot(epochs, [r["val_loss"] for r in rows], label="val")
     ax_loss.set(xlabel="epoch", ylabel="Dice + BCE loss", title="Loss")
-    for key, name in (("val_dice_wt", "WT"), ("val_dice_tc", "TC"), ("val_dice_et", "ET")):
-        ax_dice.plot(epochs, [r[key] for r in rows], label=name)
+    for key in [k for k in rows[0] if k.startswith("val_dice_")]:
+        ax_dice.plot(epochs, [r[key] for r in rows], label=key[len("val_dice_"):])
     ax_dice.set(xlabel="epoch", ylabel="Dice", title="Validation Dice", ylim=(0, 1))
     for ax in (ax_loss, ax_dice):
         ax.legend()
@@ -257,6 +264,7 @@ def fit(cfg, model, loss_fn, train_set, val_set, run_dir, device, resume=None):
     # patch mode validates whole cases of different sizes by sliding window: one case per batch
     window = tuple(cfg.data.patch_size) if cfg.data.mode == "patch" else None
     val_batch = 1 if window else cfg.eval.batch_size
+    region_names = list(task_regions(cfg.data.task))
     val_loader = make_loader(val_set, val_batch, False, workers, pin_memory=pin)
     best_path, started, guard = os.path.join(run_dir, "best.pt"), time.time(), BadStepGuard(tc.max_bad_steps)
     with GracefulStop() as stop:
@@ -274,21 +282,20 @@ def fit(cfg, model, loss_fn, train_set, val_set, run_dir, device, resume=None):
             train_loss = progress["loss_sum"] / max(progress["count"], 1)
             progress = new_progress()
             val_loss, val_dice = validate(model, val_loader, loss_fn, device, amp_dtype, cfg.eval.threshold,
-                                          window, cfg.eval.overlap, cfg.eval.sw_batch_size)
+                                          window, cfg.eval.overlap, cfg.eval.sw_batch_size, region_names)
             scheduler.step(val_loss)
             improved = stopper.update(float(np.mean(list(val_dice.values()))))
             history.append({"epoch": epoch, "train_loss": round(train_loss, 5), "val_loss": round(val_loss, 5),
-                            "val_dice_wt": round(val_dice["WT"], 4), "val_dice_tc": round(val_dice["TC"], 4),
-                            "val_dice_et": round(val_dice["ET"], 4), "lr": optimizer.param_groups[0]["lr"],
-                            "seconds": round(time.time() - epoch_start, 1)})
+                            **{f"val_dice_{name.lower()}": round(v, 4) for name, v in val_dice.items()},
+                            "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - epoch_start, 1)})
             state = checkpoint_state(model, optimizer, scheduler, scaler, stopper, epoch, cfg, history)
             if improved:
                 save_checkpoint(best_path, state)
             save_last(run_dir, state)
             write_metrics_csv(os.path.join(run_dir, "metrics.csv"), history)
             plot_curves(os.path.join(run_dir, "curves.png"), history)
-            log.info("epoch %d: train loss %.4f, val loss %.4f, val Dice WT %.3f TC %.3f ET %.3f%s (%.0fs)",
-                     epoch, train_loss, val_loss, val_dice["WT"], val_dice["TC"], val_dice["ET"],
+            log.info("epoch %d: train loss %.4f, val loss %.4f, val Dice %s%s (%.0fs)", epoch, train_loss,
+                     val_loss, " ".join(f"{name} {v:.3f}" for name, v in val_dice.items()),
                      " *best*" if improved else "", time.time() - epoch_start)
             if stopper.should_stop:
                 log.info("early stopping: no validation Dice improvement for %d epochs", tc.patience)

@@ -12,6 +12,20 @@ import torch.nn.functional as F
 
 # BraTS evaluation regions, each a set of labels (2018-21 labels: 1 NCR, 2 ED, 4 ET).
 REGIONS = {"WT": (1, 2, 4), "TC": (1, 4), "ET": (4,)}
+# The regions (sigmoid output channels) of each data.task; "binary" is a 0/1 mask (Kaggle LGG).
+TASK_REGIONS = {"brats": REGIONS, "binary": {"tumour": (1,)}}
+
+
+def task_regions(task):
+    """{region name: labels} of a data.task; a clear error for an unknown task."""
+    if task not in TASK_REGIONS:
+        raise ValueError(f"data.task {task!r}: choose one of {sorted(TASK_REGIONS)}")
+    return TASK_REGIONS[task]
+
+
+def task_labels(task):
+    """Label values a mask may hold for a task: background and every label of its regions."""
+    return tuple(sorted({0, *(label for labels in task_regions(task).values() for label in labels)}))
 
 
 def zscore_brain(image):
