@@ -18,15 +18,6 @@ from transforms import labels_to_regions
 nib = pytest.importorskip("nibabel")
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """These tiny models run on one thread: on 2 cores shared with other jobs, OpenMP barriers made
-    a 32^3 training step of a base-4 UNet 40x slower with two threads than with one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def nifti_like_case(tmp_path, affine, xyz_shape=(30, 26, 18), box_xyz=((4, 25), (3, 20), (2, 15))):
     """A case as the converter makes it from a NIfTI volume of xyz_shape: labels (X, Y, Z), stored

@@ -9,15 +9,6 @@ from inference import gaussian_weights, predict_case, remove_small_enhancing, sl
 from model import UNet
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """These tiny models run on one thread: on 2 cores shared with other jobs, OpenMP barriers made
-    a 32^3 training step of a base-4 UNet 40x slower with two threads than with one."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 def doubling(batch):
     return batch * 2
