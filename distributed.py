@@ -146,7 +146,10 @@ def wrap_model(model, device, sync_batchnorm=False):
     SyncBatchNorm when asked, so its statistics cover the whole global batch."""
     if not active():
         return model
-    if sync_batchnorm:
+    if sync_batchnorm and device.type != "cuda":
+        if is_main():
+            log.warning("SyncBatchNorm runs on GPUs only: on CPU each process normalises over its own batch")
+    elif sync_batchnorm:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     device_ids = [device.index if device.index is not None else torch.cuda.current_device()] \
         if device.type == "cuda" else None
