@@ -85,6 +85,10 @@ class TrainConfig:
     resume: str = ""                   # checkpoint or run folder to continue from (same as --resume RUN_DIR)
     deterministic: bool = False        # seed everything and use deterministic algorithms (slower on GPU)
     max_bad_steps: int = 20            # stop after this many consecutive NaN/Inf steps (0: never)
+    scale_lr: bool = False             # under torchrun with N processes: lr x N (linear scaling rule for the
+                                       # N-times larger global batch); no effect in a single process
+    sync_batchnorm: bool = True        # under torchrun with model.norm batch: SyncBatchNorm, statistics over
+                                       # the global batch (instance/group norm need nothing)
 
 
 @dataclass

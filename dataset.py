@@ -19,6 +19,7 @@ import os
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from torch.utils.data.distributed import DistributedSampler
 
 from cases import (CaseFormat, DataError, as_labels, case_id_of, channel_first, get_dataset,
                    open_case, parse_label_map, read_case)
@@ -119,9 +120,26 @@ def epoch_order(n, shuffle, seed, epoch):
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
 
 
-def make_loader(dataset, batch_size, shuffle, num_workers, seed=0, epoch=0, pin_memory=False, skip_batches=0):
-    """A DataLoader over the epoch's order, skipping the batches a resumed partial epoch already took."""
-    order = epoch_order(len(dataset), shuffle, seed, epoch)[skip_batches * batch_size:]
+def shard_order(n, shuffle, seed, epoch, rank, world_size):
+    """This rank's share of an epoch under DDP. Training (shuffle): torch's DistributedSampler with
+    set_epoch, which pads with repeats so every rank takes the same number of steps (DDP needs it).
+    Evaluation: cases i = rank, rank + world, ... with no padding, so nothing is counted twice."""
+    if not shuffle:
+        return list(range(rank, n, world_size))
+    sampler = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
+    sampler.set_epoch(epoch)
+    return list(sampler)
+
+
+def make_loader(dataset, batch_size, shuffle, num_workers, seed=0, epoch=0, pin_memory=False, skip_batches=0,
+                rank=0, world_size=1):
+    """A DataLoader over the epoch's order (this rank's shard of it under DDP), skipping the batches
+    a resumed partial epoch already took."""
+    if world_size > 1:
+        order = shard_order(len(dataset), shuffle, seed, epoch, rank, world_size)
+    else:
+        order = epoch_order(len(dataset), shuffle, seed, epoch)
+    order = order[skip_batches * batch_size:]
     return DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=num_workers,
                       pin_memory=pin_memory, drop_last=False, persistent_workers=False)
 

@@ -14,6 +14,10 @@ the tumour-containing slices and the number of tumour-free slices with a false-p
 --save-predictions writes a label map per case to --out/predictions (NIfTI on the source grid
 and affine for cases converted from NIfTI, else .h5; see export.py). --predict is for cases
 without labels: it only predicts and exports (use it with --split all).
+Under torchrun (`torchrun --nproc_per_node=N evaluate.py ...`) case i is predicted by rank i % N
+(which also writes that case's overlay and prediction files); the per-case results are gathered
+to rank 0, which writes per_case.csv and summary.json in the single-process case order, so the
+figures equal a one-process evaluation of the same checkpoint.
 """
 import argparse
 import csv
@@ -25,6 +29,7 @@ import sys
 
 from tqdm import tqdm
 
+import distributed
 from atomic import write_json, write_text
 from cases import DataError, case_id_of, read_case, uncrop
 from checkpoint import CheckpointError, load_checkpoint, load_weights
@@ -81,7 +86,8 @@ def evaluate_cases(model, paths, cfg, device, out_dir=None, save_predictions=Fal
     returns a list of (case_id, {region: {metric: value}}) (empty scores when unlabelled)."""
     fmt, amp_dtype, results = case_format(cfg.data), autocast_dtype(device, cfg.train.amp), []
     task, regions = cfg.data.task, task_regions(cfg.data.task)
-    for path in tqdm(paths, desc="evaluate" if labelled else "predict", leave=False, dynamic_ncols=True):
+    for path in tqdm(paths, desc="evaluate" if labelled else "predict", leave=False, dynamic_ncols=True,
+                     disable=not distributed.is_main()):
         case = read_case(path, fmt, with_mask=labelled)
         probs = predict_case(model, case.image, cfg, device, amp_dtype)
         pred = postprocess((probs > cfg.eval.threshold).numpy(), cfg.eval, task)
@@ -147,7 +153,8 @@ def evaluate_checkpoint(checkpoint_path, split="test", out_dir=None, overrides=N
     """Rebuild the model from a checkpoint, score a split, write reports; returns the summary.
 
     With `predict` the cases need no labels: they are predicted and exported, not scored, and the
-    summary only lists them."""
+    summary only lists them. Under torchrun every rank calls this and scores its share of the cases;
+    rank 0 writes the reports and returns the summary, the other ranks return None."""
     state = load_checkpoint(checkpoint_path)
     cfg = from_dict(state["config"])
     for key in overrides or {}:
@@ -161,8 +168,14 @@ def evaluate_checkpoint(checkpoint_path, split="test", out_dir=None, overrides=N
     run_dir = os.path.dirname(os.path.abspath(checkpoint_path))
     paths = select_cases(cfg.data.dir, split, os.path.join(run_dir, "split.json"))
     out_dir = out_dir or run_dir
-    results = evaluate_cases(model, paths, cfg, device, out_dir, save_predictions or predict, overlays,
-                             labelled=not predict)
+    rank, world = distributed.rank(), distributed.world_size()
+    mine = evaluate_cases(model, paths[rank::world], cfg, device, out_dir, save_predictions or predict, overlays,
+                          labelled=not predict)
+    shards = distributed.gather_objects(mine)
+    # case i was rank i % world's (i // world)-th: interleave back into the single-process order
+    results = [shards[i % world][i // world] for i in range(len(paths))]
+    if not distributed.is_main():
+        return None
     if predict:
         log.info("wrote predictions of %d cases to %s", len(results), os.path.join(out_dir, "predictions"))
         return {"split": split, "cases": len(results), "predicted": [cid for cid, _ in results],
@@ -192,12 +205,17 @@ def main(argv=None):
     args = parser.parse_args(rest)
     if args.save_probabilities:
         pairs["eval.save_probabilities"] = "true"
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO if distributed.is_main() else logging.WARNING, format="%(message)s")
     try:
+        distributed.init_from_env(pairs.get("train.device", "auto"))
         summary = evaluate_checkpoint(args.checkpoint, args.split, args.out, pairs, None, args.save_predictions,
                                       args.overlays, args.predict)
     except (DataError, CheckpointError, KeyError, ValueError) as err:
         sys.exit(f"error: {err.args[0] if isinstance(err, KeyError) else err}")
+    finally:
+        distributed.cleanup()
+    if summary is None:  # not rank 0
+        return
     if args.predict:
         print(f"predicted {summary['cases']} cases; label maps in {summary['predictions_dir']}")
     else:

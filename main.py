@@ -3,6 +3,7 @@
     python main.py [--preset NAME] [--config FILE.json] [--section.key VALUE ...]
 
 With no .h5 files in the default data.dir, a synthetic BraTS-like dataset is generated there first.
+On several GPUs: `torchrun --nproc_per_node=N main.py ...` trains with DDP (see distributed.py).
 """
 import argparse
 import json
@@ -16,6 +17,7 @@ import time
 import numpy as np
 import torch
 
+import distributed
 from atomic import atomic_path, write_json
 from cases import DataError, case_id_of
 from checkpoint import CheckpointError, load_resumable
@@ -43,11 +45,12 @@ def seed_everything(seed, deterministic=False):
 def ensure_data(data_cfg):
     """The case files; generates the synthetic set when the default folder holds none."""
     has_cases = os.path.isdir(data_cfg.dir) and any(f.endswith(".h5") for f in os.listdir(data_cfg.dir))
-    if not has_cases and data_cfg.dir == Config().data.dir:
+    if not has_cases and data_cfg.dir == Config().data.dir and distributed.is_main():
         from synthetic import generate_dataset
         log.info("no data in %s: generating %d synthetic BraTS-like cases there", data_cfg.dir,
                  data_cfg.synthetic_cases)
         generate_dataset(data_cfg.dir, data_cfg.synthetic_cases, seed=data_cfg.split_seed)
+    distributed.barrier()  # the other ranks list the folder once rank 0 has filled it
     return list_cases(data_cfg.dir)
 
 
@@ -97,40 +100,63 @@ def resume_config(cfg, state, path):
 
 
 def run(cfg, resume=None):
-    """Train (or continue `resume`, a (checkpoint path, state) pair) and evaluate the best checkpoint."""
+    """Train (or continue `resume`, a (checkpoint path, state) pair) and evaluate the best checkpoint.
+
+    Under torchrun every rank runs this; rank 0 alone creates and writes the run folder."""
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     paths = ensure_data(cfg.data)
     validate_cases(paths, case_format(cfg.data))
-    if resume:
-        run_dir = os.path.dirname(os.path.abspath(resume[0]))
-        split = load_split(run_dir, paths)
-    else:
-        split = split_cases([case_id_of(p) for p in paths], cfg.data.val_fraction, cfg.data.test_fraction,
-                            cfg.data.split_seed)
-        run_dir = make_run_dir(cfg.train)
-        write_json(os.path.join(run_dir, "split.json"), split)
-    write_json(os.path.join(run_dir, "config.json"), to_dict(cfg))
-    by_id = {case_id_of(p): p for p in paths}
-    train_set, val_set = build_datasets(cfg.data, [by_id[c] for c in split["train"]],
-                                        [by_id[c] for c in split["val"]], seed=cfg.train.seed)
     device = resolve_device(cfg.train.device)
     model = build_model(cfg.model).to(device)
     n_params = sum(p.numel() for p in model.parameters())
-    check_writable(run_dir, 3 * 4 * n_params)  # weights + Adam's two moments, fp32
+    if resume:
+        run_dir = os.path.dirname(os.path.abspath(resume[0]))
+        split = load_split(run_dir, paths)
+    else:  # deterministic: every rank computes the same split
+        split = split_cases([case_id_of(p) for p in paths], cfg.data.val_fraction, cfg.data.test_fraction,
+                            cfg.data.split_seed)
+    error = None
+    if distributed.is_main():
+        try:
+            run_dir = prepare_run_dir(cfg, split, run_dir if resume else None, n_params)
+        except (FileExistsError, OutputError) as err:
+            error = err
+    if distributed.broadcast_flag(error is not None):  # every rank stops when rank 0 cannot write
+        raise error or OutputError("rank 0 could not prepare the run folder (its message says why)")
+    run_dir = distributed.broadcast_object(run_dir if distributed.is_main() else None)
+    by_id = {case_id_of(p): p for p in paths}
+    train_set, val_set = build_datasets(cfg.data, [by_id[c] for c in split["train"]],
+                                        [by_id[c] for c in split["val"]], seed=cfg.train.seed)
+    model = distributed.wrap_model(model, device, cfg.train.sync_batchnorm and cfg.model.norm == "batch")
     log.info("run %s: %d train / %d val / %d test cases, %s, %.2fM parameters", run_dir, len(split["train"]),
              len(split["val"]), len(split["test"]), device, n_params / 1e6)
     loss_fn = DiceBCELoss(cfg.train.dice_weight, cfg.train.bce_weight)
     best_path, stopped_by = fit(cfg, model, loss_fn, train_set, val_set, run_dir, device,
                                 resume[1] if resume else None)
     if stopped_by is not None:
+        if not distributed.is_main():
+            sys.exit(128 + stopped_by)
         print(f"stopped by {signal.Signals(stopped_by).name}; last.pt written. Continue with:\n"
               f"  python main.py --resume {run_dir}")
         sys.exit(128 + stopped_by)
     if split["test"]:
-        summary = evaluate_checkpoint(best_path, "test", run_dir, device=device)
-        print(format_table(summary))
+        summary = evaluate_checkpoint(best_path, "test", run_dir, device=device)  # sharded under DDP
+        if distributed.is_main():
+            print(format_table(summary))
+    if not distributed.is_main():
+        return run_dir
     print(f"outputs in {run_dir}: config.json split.json metrics.csv curves.png last.pt best.pt"
           + (" summary.json per_case.csv" if split["test"] else ""))
+    return run_dir
+
+
+def prepare_run_dir(cfg, split, run_dir, n_params):
+    """Create (or, resuming, reuse) the run folder and write split.json and config.json; rank 0 only."""
+    if run_dir is None:
+        run_dir = make_run_dir(cfg.train)
+        write_json(os.path.join(run_dir, "split.json"), split)
+    write_json(os.path.join(run_dir, "config.json"), to_dict(cfg))
+    check_writable(run_dir, 3 * 4 * n_params)  # weights + Adam's two moments, fp32
     return run_dir
 
 
@@ -168,7 +194,9 @@ def main(argv=None):
     parser.add_argument("--resume", default=None, metavar="RUN_DIR",
                         help="continue a run from its last.pt (same as --train.resume)")
     args = parser.parse_args(rest)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    # under torchrun only rank 0 logs progress; the others report warnings and errors only
+    logging.basicConfig(level=logging.INFO if distributed.is_main() else logging.WARNING,
+                        format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
         cfg = build_config(pairs, args.preset, args.config)
         resume_from = args.resume or cfg.train.resume
@@ -181,10 +209,13 @@ def main(argv=None):
             raise ValueError(f"model.in_channels ({cfg.model.in_channels}) must equal data.channels "
                              f"({cfg.data.channels})")
         check_task(cfg)
+        distributed.init_from_env(cfg.train.device)
         run(cfg, resume)
     except (DataError, CheckpointError, KeyError, ValueError, FileExistsError, OutputError,
             TrainingStopped) as err:
         sys.exit(f"error: {err.args[0] if isinstance(err, KeyError) else err}")
+    finally:
+        distributed.cleanup()
 
 
 if __name__ == "__main__":

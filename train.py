@@ -6,6 +6,8 @@ Dice improves, early stopping after `train.patience` epochs without improvement,
 metrics.csv, curves.png redrawn, last.pt written. Every file is written atomically.
 Steps with a NaN/Inf loss or gradient are skipped; SIGINT/SIGTERM end the run after the current
 step with last.pt written, so `main.py --resume RUN_DIR` continues exactly where it stopped.
+Under torchrun (see distributed.py) each rank trains on its shard, validation is sharded and its
+counts summed across ranks, every stop decision is agreed by all ranks, and rank 0 alone writes.
 """
 import csv
 import io
@@ -19,6 +21,8 @@ import time
 import numpy as np
 import torch
 from tqdm import tqdm
+
+import distributed
 
 from atomic import atomic_path, write_text
 from checkpoint import restore_rng_states, rng_states, save_checkpoint, save_last, unwrap
@@ -110,7 +114,9 @@ class BadStepGuard:
         self.limit, self.in_a_row = limit, 0
 
     def check(self, value, what):
-        if torch.isfinite(value):
+        # under DDP the ranks agree: one rank's NaN loss skips the step everywhere (else the others
+        # would wait in backward's all-reduce for a rank that never joins)
+        if not distributed.broadcast_flag(not torch.isfinite(value)):
             self.in_a_row = 0
             return True
         self.in_a_row += 1
@@ -147,13 +153,13 @@ def train_one_epoch(model, loader, loss_fn, optimizer, scaler, device, amp_dtype
     """Steps over the loader; `progress` ({"steps", "loss_sum", "count"}) carries a resumed partial epoch.
     Returns early, with progress up to date, when a stop was requested."""
     model.train()
-    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True):
+    for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not distributed.is_main()):
         loss = train_step(model, batch, loss_fn, optimizer, scaler, device, amp_dtype, grad_clip, guard)
         progress["steps"] += 1
         if loss is not None:
             progress["loss_sum"] += loss * len(batch["image"])
             progress["count"] += len(batch["image"])
-        if stop.requested:
+        if distributed.broadcast_flag(stop.requested):  # all ranks stop after the same step
             break
     return progress
 
@@ -165,7 +171,8 @@ def validate(model, loader, loss_fn, device, amp_dtype, threshold, window=None, 
 
     Voxel counts are summed per case before Dice is taken, so the 2D slices of one case score as
     one volume (an empty slice predicted empty is not a free 1). With a `window` (patch mode) each
-    batch holds whole cases, predicted by sliding window."""
+    batch holds whole cases, predicted by sliding window. Under DDP each rank scores its shard and
+    the losses and per-case counts are summed across ranks, so every rank returns the same figures."""
     model.eval()
     total, count, counts = 0.0, 0, {}
     for batch in loader:
@@ -183,6 +190,12 @@ def validate(model, loader, loss_fn, device, amp_dtype, threshold, window=None, 
         for case_id, p, t in zip(batch["case_id"], pred, truth):
             case = counts.setdefault(case_id, np.zeros((len(region_names), 4), np.int64))
             case += [confusion(p[r], t[r]) for r in range(len(region_names))]
+    total, count = distributed.all_reduce_sum(torch.tensor([total, count], dtype=torch.float64)).tolist()
+    merged = {}
+    for shard in distributed.gather_objects(counts):
+        for case_id, case in shard.items():
+            merged[case_id] = merged.get(case_id, 0) + case
+    counts = {case_id: merged[case_id] for case_id in sorted(merged)}
     dice = {name: float(np.mean([scores_from_counts(*case[r])["dice"] for case in counts.values()]))
             for r, name in enumerate(region_names)}
     return total / max(count, 1), dice
@@ -247,9 +260,14 @@ def new_progress():
 def fit(cfg, model, loss_fn, train_set, val_set, run_dir, device, resume=None):
     """Train until train.epochs, early stopping, train.max_minutes or a stop signal.
 
-    Returns (path of best.pt, the signal number that stopped training or None)."""
+    Returns (path of best.pt, the signal number that stopped training or None). Under torchrun
+    `model` is DDP-wrapped (distributed.wrap_model) and every rank calls fit; rank 0 writes."""
     tc = cfg.train
-    optimizer = torch.optim.Adam(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
+    rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
+    lr = tc.lr * world if tc.scale_lr else tc.lr  # linear scaling rule for the world-times larger batch
+    if world > 1:
+        log.info("DDP: %d processes, global batch %d, lr %g", world, tc.batch_size * world, lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, "min", factor=tc.lr_factor,
                                                            patience=tc.lr_patience)
     amp_dtype = autocast_dtype(device, tc.amp)
@@ -259,48 +277,60 @@ def fit(cfg, model, loss_fn, train_set, val_set, run_dir, device, resume=None):
     if resume is not None:
         start_epoch, history, progress = restore_state(resume, model, optimizer, scheduler, scaler, stopper)
         log.info("resuming at epoch %d%s", start_epoch, f", step {progress['steps']}" if progress["steps"] else "")
+        if not main:  # the saved partial-epoch loss is the sum over ranks: count it once
+            progress.update(loss_sum=0.0, count=0)
     pin = device.type == "cuda"
     workers = loader_workers(cfg.data.num_workers, device)
     # patch mode validates whole cases of different sizes by sliding window: one case per batch
     window = tuple(cfg.data.patch_size) if cfg.data.mode == "patch" else None
     val_batch = 1 if window else cfg.eval.batch_size
     region_names = list(task_regions(cfg.data.task))
-    val_loader = make_loader(val_set, val_batch, False, workers, pin_memory=pin)
+    val_loader = make_loader(val_set, val_batch, False, workers, pin_memory=pin, rank=rank, world_size=world)
     best_path, started, guard = os.path.join(run_dir, "best.pt"), time.time(), BadStepGuard(tc.max_bad_steps)
     with GracefulStop() as stop:
         for epoch in range(start_epoch, tc.epochs + 1):
             epoch_start = time.time()
             train_set.set_epoch(epoch)
             train_loader = make_loader(train_set, tc.batch_size, True, workers, seed=tc.seed, epoch=epoch,
-                                       pin_memory=pin, skip_batches=progress["steps"])
+                                       pin_memory=pin, skip_batches=progress["steps"], rank=rank, world_size=world)
             train_one_epoch(model, train_loader, loss_fn, optimizer, scaler, device, amp_dtype, tc.grad_clip,
                             guard, stop, progress, desc=f"epoch {epoch}/{tc.epochs}")
-            if stop.requested:
-                save_last(run_dir, checkpoint_state(model, optimizer, scheduler, scaler, stopper, epoch - 1, cfg,
-                                                    history, partial=dict(progress, epoch=epoch)))
-                return best_path, stop.signal
-            train_loss = progress["loss_sum"] / max(progress["count"], 1)
+            loss_sum, count = distributed.all_reduce_sum(
+                torch.tensor([progress["loss_sum"], progress["count"]], dtype=torch.float64)).tolist()
+            if distributed.broadcast_flag(stop.requested):
+                if main:
+                    partial = dict(progress, loss_sum=loss_sum, count=int(count), epoch=epoch)
+                    save_last(run_dir, checkpoint_state(model, optimizer, scheduler, scaler, stopper, epoch - 1,
+                                                        cfg, history, partial=partial))
+                distributed.barrier()
+                return best_path, stop.signal or signal.SIGTERM  # another rank got the signal
+            train_loss = loss_sum / max(count, 1)
             progress = new_progress()
-            val_loss, val_dice = validate(model, val_loader, loss_fn, device, amp_dtype, cfg.eval.threshold,
+            distributed.broadcast_buffers(model)  # batch norm statistics as rank 0 (and the checkpoint) has them
+            # the bare module: validation shards differ in size, and DDP's forward would expect every rank
+            val_loss, val_dice = validate(unwrap(model), val_loader, loss_fn, device, amp_dtype, cfg.eval.threshold,
                                           window, cfg.eval.overlap, cfg.eval.sw_batch_size, region_names)
             scheduler.step(val_loss)
             improved = stopper.update(float(np.mean(list(val_dice.values()))))
             history.append({"epoch": epoch, "train_loss": round(train_loss, 5), "val_loss": round(val_loss, 5),
                             **{f"val_dice_{name.lower()}": round(v, 4) for name, v in val_dice.items()},
                             "lr": optimizer.param_groups[0]["lr"], "seconds": round(time.time() - epoch_start, 1)})
-            state = checkpoint_state(model, optimizer, scheduler, scaler, stopper, epoch, cfg, history)
-            if improved:
-                save_checkpoint(best_path, state)
-            save_last(run_dir, state)
-            write_metrics_csv(os.path.join(run_dir, "metrics.csv"), history)
-            plot_curves(os.path.join(run_dir, "curves.png"), history)
+            if main:
+                state = checkpoint_state(model, optimizer, scheduler, scaler, stopper, epoch, cfg, history)
+                if improved:
+                    save_checkpoint(best_path, state)
+                save_last(run_dir, state)
+                write_metrics_csv(os.path.join(run_dir, "metrics.csv"), history)
+                plot_curves(os.path.join(run_dir, "curves.png"), history)
             log.info("epoch %d: train loss %.4f, val loss %.4f, val Dice %s%s (%.0fs)", epoch, train_loss,
                      val_loss, " ".join(f"{name} {v:.3f}" for name, v in val_dice.items()),
                      " *best*" if improved else "", time.time() - epoch_start)
-            if stopper.should_stop:
+            # the ranks hold the same validation figures, but each reads its own clock: agree on stopping
+            if distributed.broadcast_flag(stopper.should_stop):
                 log.info("early stopping: no validation Dice improvement for %d epochs", tc.patience)
                 break
-            if tc.max_minutes and time.time() - started > tc.max_minutes * 60:
+            if distributed.broadcast_flag(tc.max_minutes and time.time() - started > tc.max_minutes * 60):
                 log.info("stopping: train.max_minutes = %g reached", tc.max_minutes)
                 break
+    distributed.barrier()  # best.pt is on disk before any rank goes on to evaluate it
     return best_path, None
