@@ -76,7 +76,10 @@ class TrainConfig:
     lr_factor: float = 0.5             # ReduceLROnPlateau: lr multiplier
     patience: int = 10                 # early stopping: epochs without val-Dice improvement
     max_minutes: float = 0.0           # stop after this many minutes of training (0: no limit)
-    amp: bool = True                   # mixed precision on CUDA (ignored on CPU)
+    amp: bool = True                   # mixed precision as train.precision says; false: fp32 everywhere
+    precision: str = "auto"            # "auto": bf16 on GPUs (fp16 on older ones) and on CPUs with native bf16, else fp32 | "bf16" | "fp16" | "fp32"
+    channels_last: bool = True         # channels-last memory layout for convolutions (faster, same results)
+    compile: bool = False              # torch.compile the model (slow first step; see README_BENCH.md)
     device: str = "auto"               # "auto" (CUDA when available), "cuda" or "cpu"
     seed: int = 0                      # seed for weights, sampling and augmentation
     out_dir: str = "runs"              # runs are written to out_dir/name

@@ -39,7 +39,7 @@ from export import export_case
 from inference import keep_largest_component, predict_case, remove_small_enhancing
 from metrics import METRICS, pool_slice_scores, score_case, slice_scores, summarise
 from model import build_model
-from train import autocast_dtype, resolve_device
+from train import autocast_dtype, prepare_model, resolve_device
 from transforms import labels_to_regions, task_regions
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,8 @@ def evaluate_cases(model, paths, cfg, device, out_dir=None, save_predictions=Fal
                    labelled=True):
     """Predict each case, postprocess, score it (when `labelled`) and export what was asked for;
     returns a list of (case_id, {region: {metric: value}}) (empty scores when unlabelled)."""
-    fmt, amp_dtype, results = case_format(cfg.data), autocast_dtype(device, cfg.train.amp), []
+    fmt, results = case_format(cfg.data), []
+    amp_dtype = autocast_dtype(device, cfg.train.amp, cfg.train.precision)
     task, regions = cfg.data.task, task_regions(cfg.data.task)
     for path in tqdm(paths, desc="evaluate" if labelled else "predict", leave=False, dynamic_ncols=True,
                      disable=not distributed.is_main()):
@@ -165,6 +166,7 @@ def evaluate_checkpoint(checkpoint_path, split="test", out_dir=None, overrides=N
     device = device or resolve_device(cfg.train.device)
     model = build_model(cfg.model).to(device)
     load_weights(model, state, checkpoint_path)
+    model = prepare_model(model, cfg.train, device)  # the fast paths it was trained with
     run_dir = os.path.dirname(os.path.abspath(checkpoint_path))
     paths = select_cases(cfg.data.dir, split, os.path.join(run_dir, "split.json"))
     out_dir = out_dir or run_dir

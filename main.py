@@ -26,7 +26,7 @@ from dataset import build_datasets, case_format, list_cases, split_cases, valida
 from evaluate import evaluate_checkpoint, format_table
 from losses import DiceBCELoss
 from model import build_model
-from train import TrainingStopped, fit, resolve_device
+from train import TrainingStopped, fit, prepare_model, resolve_device
 from transforms import task_regions
 
 log = logging.getLogger("main")
@@ -127,7 +127,9 @@ def run(cfg, resume=None):
     by_id = {case_id_of(p): p for p in paths}
     train_set, val_set = build_datasets(cfg.data, [by_id[c] for c in split["train"]],
                                         [by_id[c] for c in split["val"]], seed=cfg.train.seed)
-    model = distributed.wrap_model(model, device, cfg.train.sync_batchnorm and cfg.model.norm == "batch")
+    # fast paths (channels-last, compile) go on the bare module, before DDP wraps it
+    model = distributed.wrap_model(prepare_model(model, cfg.train, device), device,
+                                   cfg.train.sync_batchnorm and cfg.model.norm == "batch")
     log.info("run %s: %d train / %d val / %d test cases, %s, %.2fM parameters", run_dir, len(split["train"]),
              len(split["val"]), len(split["test"]), device, n_params / 1e6)
     loss_fn = DiceBCELoss(cfg.train.dice_weight, cfg.train.bce_weight)

@@ -1,6 +1,6 @@
 """The training loop: one epoch of steps, one validation pass, bookkeeping; repeat.
 
-A step is: autocast (CUDA only), loss, zero_grad, backward, unscale, clip, optimizer step.
+A step is: autocast (train.precision), loss, zero_grad, backward, unscale, clip, optimizer step.
 After each epoch: ReduceLROnPlateau on the validation loss, best.pt when the mean validation
 Dice improves, early stopping after `train.patience` epochs without improvement, a row in
 metrics.csv, curves.png redrawn, last.pt written. Every file is written atomically.
@@ -46,11 +46,43 @@ def resolve_device(name):
     return torch.device(name)
 
 
-def autocast_dtype(device, amp):
-    """bf16 where the GPU has it, else fp16 (with a loss scaler); None on CPU or with AMP off."""
-    if device.type != "cuda" or not amp:
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+def autocast_dtype(device, amp, precision="auto"):
+    """The autocast dtype of a training step or a prediction; None runs plain fp32.
+
+    "auto": bf16 on GPUs that have it, else fp16 (with a loss scaler); on CPU bf16 only where
+    oneDNN runs it natively (AVX-512/AMX): on an AVX2-only CPU a bf16 step measured 40x slower
+    than fp32 (README_BENCH.md), so there "auto" is fp32. amp False means fp32 everywhere.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"train.precision {precision!r}: choose one of {PRECISIONS}")
+    if not amp or precision == "fp32":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if precision == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if cpu_has_fast_bf16() else None
+    return torch.bfloat16 if precision == "bf16" else torch.float16
+
+
+def cpu_has_fast_bf16():
+    """Whether oneDNN has native bf16 kernels on this CPU (AVX-512 BF16 or AMX)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def prepare_model(model, train_cfg, device):
+    """The model as a step and a prediction run it: channels-last memory layout (train.channels_last)
+    and torch.compile (train.compile). Same code on CPU and CUDA; checkpoint.unwrap undoes compile."""
+    if train_cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last_3d if unwrap(model).dims == 3 else torch.channels_last)
+    if train_cfg.compile:
+        model = torch.compile(model)
+    return model
 
 
 class EarlyStopping:
@@ -270,7 +302,7 @@ def fit(cfg, model, loss_fn, train_set, val_set, run_dir, device, resume=None):
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=tc.weight_decay)
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, "min", factor=tc.lr_factor,
                                                            patience=tc.lr_patience)
-    amp_dtype = autocast_dtype(device, tc.amp)
+    amp_dtype = autocast_dtype(device, tc.amp, tc.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     stopper = EarlyStopping(tc.patience)
     start_epoch, history, progress = 1, [], new_progress()

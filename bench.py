@@ -1,0 +1,324 @@
+"""How fast we are, measured against the machine's own ceiling and against MONAI, in one run.
+
+    python bench.py [--quick] [--device cpu|cuda] [--compare-monai] [--out bench.json] [--section.key VALUE ...]
+
+Prints a table and writes bench.json. Every figure is a median over repeats after warm-up; where
+two things are compared (ours and MONAI, a fast path on and off) they run interleaved, A B A B,
+so a shared machine's load drifts over both alike. Config overrides (e.g. --train.precision fp32)
+choose what "ours" runs, exactly as main.py would train it.
+"""
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+from config import build_config, split_args
+from dataset import build_datasets, loader_workers, make_loader
+from inference import model_predictor, sliding_window
+from losses import DiceBCELoss
+from model import build_model
+from train import autocast_dtype, cpu_has_fast_bf16, prepare_model, resolve_device
+
+CASE_SHAPE = (240, 240, 155)  # a BraTS case at 1 mm
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device):
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+def interleaved(fns, device, repeats, warmup=1):
+    """{name: median seconds}, running the callables in turn (A B A B ...) after `warmup` rounds each."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(timed(fn, device))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def reset_peak(device):
+    """Start a new peak-memory window: CUDA allocator stats, or the process's peak RSS (Linux)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    except OSError:
+        pass
+
+
+def peak_mib(device):
+    """Peak memory since reset_peak: CUDA allocated bytes, or the process's VmHWM on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# --- the ceiling ------------------------------------------------------------------------------------------
+
+def matmul_gflops(device, dtype, n, repeats):
+    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+    seconds = interleaved({"mm": lambda: a @ b}, device, repeats)["mm"]
+    return 2 * n ** 3 / seconds / 1e9
+
+
+def copy_gbps(device, mib, repeats):
+    src = torch.empty(mib * 2 ** 18, device=device)  # float32: 4 bytes each
+    dst = torch.empty_like(src)
+    seconds = interleaved({"copy": lambda: dst.copy_(src)}, device, repeats)["copy"]
+    return 2 * src.nbytes / seconds / 1e9  # read + write
+
+
+def bf16_supported(device):
+    """Native bf16 only: emulated bf16 on an AVX2 CPU is tens of times slower than fp32."""
+    return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_fast_bf16()
+
+
+# --- the training step ------------------------------------------------------------------------------------
+
+def make_step(model, batch, device, amp_dtype):
+    """One training step on a fixed batch (Adam, Dice + BCE), as train.train_one_epoch runs it."""
+    image, target = batch
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    loss_fn = DiceBCELoss()
+
+    def step():
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            loss = loss_fn(model(image), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        return loss
+    return step
+
+
+def random_batch(batch_size, channels, size, out_channels, device):
+    image = torch.randn(batch_size, channels, *size, device=device)
+    target = (torch.rand(batch_size, out_channels, *size, device=device) > 0.7).float()
+    return image, target
+
+
+def step_flops(model, batch):
+    """FLOPs of forward + backward, by torch's FLOP counter (convolutions and matmuls)."""
+    from torch.utils.flop_counter import FlopCounterMode
+    counter = FlopCounterMode(display=False)
+    with counter:
+        DiceBCELoss()(model(batch[0]), batch[1]).backward()
+    model.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def bench_step(cfg, device, batch_size, size, repeats, ceiling, warmup=1):
+    """Seconds, FLOPs, GFLOP/s and its share of the ceiling, voxels/s and peak memory of our step."""
+    mc, tc = cfg.model, cfg.train
+    model = build_model(mc).to(device)
+    batch = random_batch(batch_size, mc.in_channels, size, mc.out_channels, device)
+    flops = step_flops(model, batch)
+    model = prepare_model(model, tc, device)
+    step = make_step(model, batch, device, autocast_dtype(device, tc.amp, tc.precision))
+    reset_peak(device)
+    seconds = interleaved({"step": step}, device, repeats, warmup)["step"]
+    voxels = batch_size * torch.Size(size).numel()
+    return {"size": list(size), "batch": batch_size, "step_s": seconds, "step_flops": flops,
+            "step_gflops": flops / seconds / 1e9, "step_frac_of_ceiling": flops / seconds / 1e9 / ceiling,
+            "voxels_per_s": voxels / seconds, "peak_mib": peak_mib(device)}
+
+
+# --- the data loader --------------------------------------------------------------------------------------
+
+def bench_loader(cfg, device, n_cases, epochs, case_sizes=(72, 104)):
+    """Training samples per second of the configured loader alone (default workers), warm cache."""
+    from synthetic import generate_dataset
+    with tempfile.TemporaryDirectory() as folder:
+        paths = generate_dataset(folder, n_cases, seed=0, min_size=case_sizes[0], max_size=case_sizes[1])
+        train_set, _ = build_datasets(cfg.data, paths, paths[:1], seed=0)
+        workers = loader_workers(cfg.data.num_workers, device)
+        loader = make_loader(train_set, cfg.train.batch_size, True, workers, pin_memory=device.type == "cuda")
+        for _ in loader:  # first epoch: reads, normalises and caches the cases
+            pass
+        start, samples = time.perf_counter(), 0
+        for epoch in range(epochs):
+            train_set.set_epoch(epoch + 1)
+            for batch in loader:
+                samples += batch["image"].shape[0]
+        return {"loader_samples_per_s": samples / (time.perf_counter() - start), "loader_workers": workers}
+
+
+# --- whole-case inference ---------------------------------------------------------------------------------
+
+def bench_inference(cfg, device, case_shape, repeats, mirror_crop=None):
+    """Sliding-window seconds over one case (overlap eval.overlap, window data.patch_size), without and
+    with mirror TTA. With `mirror_crop`, TTA is timed on a crop of that size and scaled by windows."""
+    from inference import window_starts
+    mc, ev, tc = cfg.model, cfg.eval, cfg.train
+    window = tuple(cfg.data.patch_size)
+    model = prepare_model(build_model(mc).to(device).eval(), tc, device)
+    predictor = model_predictor(model, device, autocast_dtype(device, tc.amp, tc.precision))
+    image = torch.randn(mc.in_channels, *case_shape)
+
+    def run(img, mirror):
+        return lambda: sliding_window(predictor, img, window, ev.overlap, ev.sw_batch_size, ev.gaussian, mirror,
+                                      device)
+
+    def windows(shape):
+        n = 1
+        for s, w in zip(shape, window):
+            n *= len(window_starts(max(s, w), w, ev.overlap))
+        return n
+    reset_peak(device)
+    plain = interleaved({"plain": run(image, False)}, device, repeats, warmup=0)["plain"]
+    out = {"infer_case_s": plain, "infer_windows": windows(case_shape), "infer_peak_mib": peak_mib(device)}
+    crop = image if mirror_crop is None else image[(slice(None), *(slice(0, c) for c in mirror_crop))]
+    mirror = interleaved({"mirror": run(crop, True)}, device, 1, warmup=0)["mirror"]
+    out["infer_case_mirror_s"] = mirror * windows(case_shape) / windows(crop.shape[1:])
+    out["infer_mirror_estimated"] = mirror_crop is not None
+    return out
+
+
+# --- MONAI, side by side ----------------------------------------------------------------------------------
+
+def monai_dynunet(mc):
+    """MONAI's DynUNet configured like our UNet: same widths, depth, 3x3x3 kernels, strided
+    downsampling, transposed-conv upsampling, instance norm, LeakyReLU, no residuals, one head."""
+    from monai.networks.nets import DynUNet
+    widths = [min(mc.base_channels * 2 ** i, mc.max_channels) for i in range(mc.depth + 1)]
+    return DynUNet(3, mc.in_channels, mc.out_channels, kernel_size=[3] * (mc.depth + 1),
+                   strides=[1] + [2] * mc.depth, upsample_kernel_size=[2] * mc.depth, filters=widths,
+                   norm_name=("instance", {"affine": True}), act_name=("leakyrelu", {"negative_slope": 0.01}),
+                   res_block=False, deep_supervision=False)
+
+
+def compare_monai(cfg, device, batch_size, size, case_shape, repeats):
+    """Our step and sliding window against DynUNet's step and MONAI's sliding_window_inference,
+    interleaved; the ratios are our time over theirs (below 1: we are faster)."""
+    from monai.inferers import sliding_window_inference
+    mc, tc, ev = cfg.model, cfg.train, cfg.eval
+    amp_dtype = autocast_dtype(device, tc.amp, tc.precision)
+    batch = random_batch(batch_size, mc.in_channels, size, mc.out_channels, device)
+    ours = prepare_model(build_model(mc).to(device), tc, device)
+    steps = interleaved({"ours": make_step(ours, batch, device, amp_dtype),
+                         "monai": make_step(monai_dynunet(mc).to(device), batch, device, amp_dtype)},
+                        device, repeats)
+    window = tuple(cfg.data.patch_size)
+    image = torch.randn(mc.in_channels, *case_shape)
+    ours.eval()
+    predictor = model_predictor(ours, device, amp_dtype)
+    plain = build_model(mc).to(device).eval()  # the same network, as a user would hand it to MONAI
+
+    def theirs():
+        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                             enabled=amp_dtype is not None):
+            return sliding_window_inference(image[None].to(device), window, ev.sw_batch_size, plain,
+                                            overlap=ev.overlap, mode="gaussian" if ev.gaussian else "constant")
+    infer = interleaved({"ours": lambda: sliding_window(predictor, image, window, ev.overlap, ev.sw_batch_size,
+                                                        ev.gaussian, False, device),
+                         "monai": theirs}, device, repeats, warmup=0)
+    return {"monai_step_s": steps["monai"], "monai_step_ours_s": steps["ours"],
+            "vs_monai_step": steps["ours"] / steps["monai"], "monai_infer_s": infer["monai"],
+            "monai_infer_ours_s": infer["ours"], "vs_monai_infer": infer["ours"] / infer["monai"],
+            "monai_case_shape": list(case_shape)}
+
+
+# --- the whole run ----------------------------------------------------------------------------------------
+
+def run(cfg, device, quick, with_monai, case_shape, sides=(96, 128), case_sizes=(72, 104), mirror_crop=96):
+    """Every figure, as a dict (bench.json); `sides`, `case_sizes` and `mirror_crop` shrink it for tests."""
+    repeats = 2 if quick else 5
+    out = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
+           "precision": str(autocast_dtype(device, cfg.train.amp, cfg.train.precision) or torch.float32),
+           "channels_last": cfg.train.channels_last, "compile": cfg.train.compile, "quick": quick}
+    n = 2048 if quick else 4096
+    out["matmul_gflops"] = matmul_gflops(device, torch.float32, n, repeats + 1)
+    if bf16_supported(device):
+        out["matmul_bf16_gflops"] = matmul_gflops(device, torch.bfloat16, n, repeats + 1)
+    out["copy_gbps"] = copy_gbps(device, 256, repeats + 1)
+    ceiling = out["matmul_gflops"]
+    default = tuple(cfg.data.image_size if cfg.data.mode == "resize" else cfg.data.patch_size)
+    out["steps"] = [bench_step(cfg, device, cfg.train.batch_size, default, repeats, ceiling)]
+    for side in sides:  # quick: one step, no warm-up (the first step's allocations count)
+        out["steps"].append(bench_step(cfg, device, 1, (side,) * 3, 1 if quick else 3, ceiling, 0 if quick else 1))
+    out.update({k: out["steps"][0][k] for k in ("step_s", "step_gflops", "step_frac_of_ceiling",
+                                                "voxels_per_s")})
+    out["peak_rss_mib"] = max(s["peak_mib"] for s in out["steps"])
+    out.update(bench_loader(cfg, device, 6 if quick else 16, 2 if quick else 4, case_sizes))
+    out["loader_over_step"] = out["loader_samples_per_s"] / (cfg.train.batch_size / out["step_s"])
+    out.update(bench_inference(cfg, device, case_shape, 1 if quick else 2, (mirror_crop,) * 3 if quick else None))
+    if with_monai:
+        try:
+            out.update(compare_monai(cfg, device, cfg.train.batch_size, default, case_shape, repeats))
+        except ImportError:
+            out["monai"] = "not installed: pip install -r requirements-bench.txt"
+    return out
+
+
+def format_table(out):
+    lines = [f"device {out['device']}, {out['threads']} threads, torch {out['torch']}, {out['precision']}, "
+             f"channels_last {out['channels_last']}, compile {out['compile']}",
+             f"ceiling: fp32 matmul {out['matmul_gflops']:.0f} GFLOP/s"
+             + (f", bf16 {out['matmul_bf16_gflops']:.0f}" if "matmul_bf16_gflops" in out else "")
+             + f", memory copy {out['copy_gbps']:.1f} GB/s",
+             f"{'step':<16}{'seconds':>9}{'GFLOP':>9}{'GFLOP/s':>9}{'ceiling':>9}{'Mvox/s':>9}{'peak MiB':>10}"]
+    for s in out["steps"]:
+        name = f"{'x'.join(map(str, s['size']))} b{s['batch']}"
+        lines.append(f"{name:<16}{s['step_s']:>9.3f}{s['step_flops'] / 1e9:>9.1f}{s['step_gflops']:>9.1f}"
+                     f"{s['step_frac_of_ceiling']:>9.0%}{s['voxels_per_s'] / 1e6:>9.2f}{s['peak_mib']:>10.0f}")
+    lines.append(f"loader: {out['loader_samples_per_s']:.1f} samples/s with {out['loader_workers']} workers, "
+                 f"{out['loader_over_step']:.1f}x the step's sample rate")
+    lines.append(f"inference, {out['infer_windows']} windows: {out['infer_case_s']:.1f} s, with mirror TTA "
+                 f"{out['infer_case_mirror_s']:.1f} s{' (estimated from a crop)' if out['infer_mirror_estimated'] else ''}"
+                 f", peak {out['infer_peak_mib']:.0f} MiB")
+    if "vs_monai_step" in out:
+        lines.append(f"vs MONAI (ours / theirs): step {out['vs_monai_step']:.2f} "
+                     f"({out['monai_step_ours_s']:.3f} s / {out['monai_step_s']:.3f} s), sliding window "
+                     f"{out['vs_monai_infer']:.2f} ({out['monai_infer_ours_s']:.1f} s / {out['monai_infer_s']:.1f} s)")
+    elif "monai" in out:
+        lines.append(f"MONAI: {out['monai']}")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    import sys
+    pairs, rest = split_args(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, TTA timed on a crop (< 3 min on 2 cores)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--compare-monai", action="store_true", help="time MONAI's DynUNet and sliding window too")
+    parser.add_argument("--case-shape", default="240,240,155", help="whole case for inference (D,H,W)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--out", default="bench.json")
+    args = parser.parse_args(rest)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    cfg = build_config(pairs)
+    device = resolve_device(args.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    out = run(cfg, device, args.quick, args.compare_monai, tuple(int(v) for v in args.case_shape.split(",")))
+    print(format_table(out))
+    with open(args.out, "w") as f:
+        json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""The benchmark runs end to end at tiny sizes, and every fast path computes what the plain path does."""
+import copy
+import json
+
+import pytest
+import torch
+
+import bench
+from config import Config, ModelConfig
+from inference import model_predictor, sliding_window
+from model import UNet
+from train import autocast_dtype, cpu_has_fast_bf16, prepare_model
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Two OMP threads on a shared 2-core machine can be 40x slower than one."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_cfg(**train):
+    cfg = Config()
+    cfg.model = ModelConfig(base_channels=4, depth=2)
+    cfg.data.image_size, cfg.data.patch_size, cfg.eval.sw_batch_size = (16, 16, 16), (16, 16, 16), 2
+    cfg.train.batch_size = 2
+    for key, value in train.items():
+        setattr(cfg.train, key, value)
+    return cfg
+
+
+@pytest.mark.parametrize("precision, amp, expected", [
+    ("fp32", True, None), ("auto", False, None), ("bf16", True, torch.bfloat16), ("fp16", True, torch.float16),
+    ("auto", True, torch.bfloat16 if cpu_has_fast_bf16() else None),
+])
+def test_autocast_dtype_on_cpu(precision, amp, expected):
+    assert autocast_dtype(CPU, amp, precision) == expected
+
+
+def test_unknown_precision_is_an_error():
+    with pytest.raises(ValueError, match="train.precision"):
+        autocast_dtype(CPU, True, "fp8")
+
+
+def two_steps(model, batch, amp_dtype=None):
+    """Loss of two training steps and the weights after them."""
+    step = bench.make_step(model, batch, CPU, amp_dtype)
+    losses = [step().item() for _ in range(2)]
+    return losses, [p.detach().clone() for p in model.parameters()]
+
+
+def test_channels_last_trains_like_the_plain_layout():
+    torch.manual_seed(0)
+    plain = UNet(4, 3, base_channels=4, depth=2)
+    fast = prepare_model(copy.deepcopy(plain), tiny_cfg(channels_last=True).train, CPU)
+    assert next(fast.parameters()).is_contiguous(memory_format=torch.channels_last_3d)
+    batch = bench.random_batch(2, 4, (16, 12, 16), 3, CPU)
+    (loss_a, weights_a), (loss_b, weights_b) = two_steps(plain, batch), two_steps(fast, batch)
+    assert loss_a == pytest.approx(loss_b, rel=1e-4)
+    for a, b in zip(weights_a, weights_b):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-3)
+
+
+def test_bf16_autocast_step_stays_close_to_fp32():
+    torch.manual_seed(0)
+    plain = UNet(4, 3, base_channels=4, depth=1)
+    batch = bench.random_batch(1, 4, (8, 8, 8), 3, CPU)
+    loss_a, _ = two_steps(plain, batch)
+    loss_b, _ = two_steps(copy.deepcopy(plain), batch, torch.bfloat16)
+    assert loss_b[0] == pytest.approx(loss_a[0], rel=0.02)
+
+
+def test_fast_sliding_window_matches_the_plain_one():
+    torch.manual_seed(0)
+    plain = UNet(4, 3, base_channels=4, depth=2).eval()
+    fast = prepare_model(copy.deepcopy(plain), tiny_cfg(channels_last=True).train, CPU)
+    image = torch.randn(4, 20, 18, 24)
+    expected = sliding_window(model_predictor(plain, CPU), image, (16, 16, 16), 0.5, 2)
+    torch.testing.assert_close(sliding_window(model_predictor(fast, CPU), image, (16, 16, 16), 0.5, 3), expected,
+                               atol=1e-4, rtol=1e-4)
+
+
+def test_benchmark_runs_end_to_end(tmp_path):
+    cfg = tiny_cfg(channels_last=True)
+    out = bench.run(cfg, CPU, quick=True, with_monai=False, case_shape=(20, 24, 18), sides=(16,),
+                    case_sizes=(16, 20), mirror_crop=16)
+    for key in ("matmul_gflops", "copy_gbps", "step_s", "step_gflops", "step_frac_of_ceiling", "voxels_per_s",
+                "loader_samples_per_s", "loader_over_step", "infer_case_s", "infer_case_mirror_s", "peak_rss_mib"):
+        assert out[key] > 0, key
+    assert [s["size"] for s in out["steps"]] == [[16, 16, 16], [16, 16, 16]]
+    assert out["steps"][0]["step_flops"] > 0
+    assert "GFLOP/s" in bench.format_table(out)
+    json.dumps(out)  # everything in it can be written to bench.json
+
+
+def test_monai_comparison_runs_when_monai_is_installed():
+    pytest.importorskip("monai")
+    cfg = tiny_cfg()
+    dyn = bench.monai_dynunet(cfg.model)
+    assert dyn(torch.randn(1, 4, 16, 16, 16)).shape == (1, 3, 16, 16, 16)
+    out = bench.compare_monai(cfg, CPU, 1, (16, 16, 16), (20, 16, 16), repeats=1)
+    assert out["vs_monai_step"] > 0 and out["vs_monai_infer"] > 0
