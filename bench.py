@@ -9,7 +9,6 @@ choose what "ours" runs, exactly as main.py would train it.
 """
 import argparse
 import json
-import os
 import statistics
 import tempfile
 import time
@@ -167,33 +166,31 @@ def bench_loader(cfg, device, n_cases, epochs, case_sizes=(72, 104)):
 
 # --- whole-case inference ---------------------------------------------------------------------------------
 
-def bench_inference(cfg, device, case_shape, repeats, mirror_crop=None):
+def bench_inference(cfg, device, case_shape, repeats, crop=None):
     """Sliding-window seconds over one case (overlap eval.overlap, window data.patch_size), without and
-    with mirror TTA. With `mirror_crop`, TTA is timed on a crop of that size and scaled by windows."""
+    with mirror TTA. With a `crop` size, both are timed on a crop and scaled by the count of windows."""
     from inference import window_starts
     mc, ev, tc = cfg.model, cfg.eval, cfg.train
     window = tuple(cfg.data.patch_size)
-    model = prepare_model(build_model(mc).to(device).eval(), tc, device)
+    model = build_model(mc).to(device).eval()  # as evaluate.py runs it: channels_last does not pay at inference
     predictor = model_predictor(model, device, autocast_dtype(device, tc.amp, tc.precision))
     image = torch.randn(mc.in_channels, *case_shape)
-
-    def run(img, mirror):
-        return lambda: sliding_window(predictor, img, window, ev.overlap, ev.sw_batch_size, ev.gaussian, mirror,
-                                      device)
+    if crop is not None:
+        image = image[(slice(None), *(slice(0, c) for c in crop))]
 
     def windows(shape):
         n = 1
         for s, w in zip(shape, window):
             n *= len(window_starts(max(s, w), w, ev.overlap))
         return n
+    scale = windows(case_shape) / windows(image.shape[1:])
     reset_peak(device)
-    plain = interleaved({"plain": run(image, False)}, device, repeats, warmup=0)["plain"]
-    out = {"infer_case_s": plain, "infer_windows": windows(case_shape), "infer_peak_mib": peak_mib(device)}
-    crop = image if mirror_crop is None else image[(slice(None), *(slice(0, c) for c in mirror_crop))]
-    mirror = interleaved({"mirror": run(crop, True)}, device, 1, warmup=0)["mirror"]
-    out["infer_case_mirror_s"] = mirror * windows(case_shape) / windows(crop.shape[1:])
-    out["infer_mirror_estimated"] = mirror_crop is not None
-    return out
+    times = {mirror: interleaved({"case": lambda: sliding_window(predictor, image, window, ev.overlap,
+                                                                 ev.sw_batch_size, ev.gaussian, mirror, device)},
+                                 device, repeats if not mirror else 1, warmup=0)["case"] * scale
+             for mirror in (False, True)}
+    return {"infer_case_s": times[False], "infer_case_mirror_s": times[True], "infer_windows": windows(case_shape),
+            "infer_estimated": crop is not None, "infer_peak_mib": peak_mib(device)}
 
 
 # --- MONAI, side by side ----------------------------------------------------------------------------------
@@ -222,9 +219,8 @@ def compare_monai(cfg, device, batch_size, size, case_shape, repeats):
                         device, repeats)
     window = tuple(cfg.data.patch_size)
     image = torch.randn(mc.in_channels, *case_shape)
-    ours.eval()
-    predictor = model_predictor(ours, device, amp_dtype)
-    plain = build_model(mc).to(device).eval()  # the same network, as a user would hand it to MONAI
+    plain = build_model(mc).to(device).eval()  # the same network and layout for both sliding windows
+    predictor = model_predictor(plain, device, amp_dtype)
 
     def theirs():
         with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
@@ -242,8 +238,9 @@ def compare_monai(cfg, device, batch_size, size, case_shape, repeats):
 
 # --- the whole run ----------------------------------------------------------------------------------------
 
-def run(cfg, device, quick, with_monai, case_shape, sides=(96, 128), case_sizes=(72, 104), mirror_crop=96):
-    """Every figure, as a dict (bench.json); `sides`, `case_sizes` and `mirror_crop` shrink it for tests."""
+def run(cfg, device, quick, with_monai, case_shape, sides=(96, 128), case_sizes=(72, 104), crop=96):
+    """Every figure, as a dict (bench.json); `sides`, `case_sizes` and `crop` shrink it for tests.
+    Quick: fewer repeats, and inference timed on a crop of the case and scaled by windows."""
     repeats = 2 if quick else 5
     out = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
            "precision": str(autocast_dtype(device, cfg.train.amp, cfg.train.precision) or torch.float32),
@@ -263,7 +260,7 @@ def run(cfg, device, quick, with_monai, case_shape, sides=(96, 128), case_sizes=
     out["peak_rss_mib"] = max(s["peak_mib"] for s in out["steps"])
     out.update(bench_loader(cfg, device, 6 if quick else 16, 2 if quick else 4, case_sizes))
     out["loader_over_step"] = out["loader_samples_per_s"] / (cfg.train.batch_size / out["step_s"])
-    out.update(bench_inference(cfg, device, case_shape, 1 if quick else 2, (mirror_crop,) * 3 if quick else None))
+    out.update(bench_inference(cfg, device, case_shape, 1 if quick else 2, (crop,) * 3 if quick else None))
     if with_monai:
         try:
             out.update(compare_monai(cfg, device, cfg.train.batch_size, default, case_shape, repeats))
@@ -286,7 +283,7 @@ def format_table(out):
     lines.append(f"loader: {out['loader_samples_per_s']:.1f} samples/s with {out['loader_workers']} workers, "
                  f"{out['loader_over_step']:.1f}x the step's sample rate")
     lines.append(f"inference, {out['infer_windows']} windows: {out['infer_case_s']:.1f} s, with mirror TTA "
-                 f"{out['infer_case_mirror_s']:.1f} s{' (estimated from a crop)' if out['infer_mirror_estimated'] else ''}"
+                 f"{out['infer_case_mirror_s']:.1f} s{' (scaled from a crop)' if out['infer_estimated'] else ''}"
                  f", peak {out['infer_peak_mib']:.0f} MiB")
     if "vs_monai_step" in out:
         lines.append(f"vs MONAI (ours / theirs): step {out['vs_monai_step']:.2f} "
@@ -301,7 +298,7 @@ def main(argv=None):
     import sys
     pairs, rest = split_args(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="fewer repeats, TTA timed on a crop (< 3 min on 2 cores)")
+    parser.add_argument("--quick", action="store_true", help="fewer repeats, inference timed on a crop (< 3 min on 2 cores)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--compare-monai", action="store_true", help="time MONAI's DynUNet and sliding window too")
     parser.add_argument("--case-shape", default="240,240,155", help="whole case for inference (D,H,W)")

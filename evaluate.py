@@ -39,7 +39,7 @@ from export import export_case
 from inference import keep_largest_component, predict_case, remove_small_enhancing
 from metrics import METRICS, pool_slice_scores, score_case, slice_scores, summarise
 from model import build_model
-from train import autocast_dtype, prepare_model, resolve_device
+from train import autocast_dtype, resolve_device
 from transforms import labels_to_regions, task_regions
 
 log = logging.getLogger(__name__)
@@ -166,7 +166,6 @@ def evaluate_checkpoint(checkpoint_path, split="test", out_dir=None, overrides=N
     device = device or resolve_device(cfg.train.device)
     model = build_model(cfg.model).to(device)
     load_weights(model, state, checkpoint_path)
-    model = prepare_model(model, cfg.train, device)  # the fast paths it was trained with
     run_dir = os.path.dirname(os.path.abspath(checkpoint_path))
     paths = select_cases(cfg.data.dir, split, os.path.join(run_dir, "split.json"))
     out_dir = out_dir or run_dir

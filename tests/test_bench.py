@@ -87,7 +87,7 @@ def test_fast_sliding_window_matches_the_plain_one():
 def test_benchmark_runs_end_to_end(tmp_path):
     cfg = tiny_cfg(channels_last=True)
     out = bench.run(cfg, CPU, quick=True, with_monai=False, case_shape=(20, 24, 18), sides=(16,),
-                    case_sizes=(16, 20), mirror_crop=16)
+                    case_sizes=(16, 20), crop=16)
     for key in ("matmul_gflops", "copy_gbps", "step_s", "step_gflops", "step_frac_of_ceiling", "voxels_per_s",
                 "loader_samples_per_s", "loader_over_step", "infer_case_s", "infer_case_mirror_s", "peak_rss_mib"):
         assert out[key] > 0, key
