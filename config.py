@@ -120,7 +120,6 @@ class Config:
 
 # Presets: named override sets, applied before --config and command-line overrides.
 PRESETS = {
-    "tiny": {"data.synthetic_cases": 12, "data.image_size": 32, "train.epochs": 2, "model.base_channels": 8},
     # Kaggle LGG (mateuszbuda/lgg-mri-segmentation) converted with `prepare_data.py lgg`: a 2D UNet on
     # 256x256 slices (3 channels: pre-contrast, FLAIR, post-contrast) with one sigmoid "tumour" map.
     # Native 256x256 as in the reference; on a CPU pass --data.image_size 128,128 (4x fewer pixels).
