@@ -61,6 +61,7 @@ class ModelConfig:
     max_channels: int = 320            # cap on a stage's width (as in nnU-Net)
     depth: int = 3                     # number of downsamplings; inputs must be divisible by 2**depth
     norm: str = "instance"             # "instance" | "batch" | "group"
+    checkpointing: bool = False        # gradient checkpointing per stage: less memory, a slower step
 
 
 @dataclass
@@ -241,9 +242,10 @@ def from_dict(data):
 
 
 # Keys a resumed run may change: they alter when or where training runs, not what it computes.
-RESUME_SAFE_KEYS = {"train.epochs", "train.patience", "train.max_minutes", "train.device", "train.resume",
-                    "train.overwrite", "train.max_bad_steps", "train.out_dir", "train.name", "data.dir",
-                    "data.num_workers", "data.cache_gb", "data.synthetic_cases", "eval.split", "eval.batch_size"}
+RESUME_SAFE_KEYS = {"data.cache_gb", "data.dir", "data.num_workers", "data.synthetic_cases",
+                    "eval.batch_size", "eval.split", "model.checkpointing", "train.device", "train.epochs",
+                    "train.max_bad_steps", "train.max_minutes", "train.name", "train.out_dir",
+                    "train.overwrite", "train.patience", "train.resume"}
 
 
 def diff_keys(a, b):

@@ -8,6 +8,7 @@ head returns one logit map per output channel; no sigmoid here.
 """
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 NORMS = ("instance", "batch", "group")
 
@@ -37,13 +38,13 @@ class ConvBlock(nn.Sequential):
 
 class UNet(nn.Module):
     def __init__(self, in_channels=4, out_channels=3, base_channels=16, depth=3, norm="instance",
-                 dims=3, max_channels=320):
+                 dims=3, max_channels=320, checkpointing=False):
         super().__init__()
         if dims not in (2, 3):
             raise ValueError(f"dims must be 2 or 3, got {dims}")
         if depth < 1:
             raise ValueError(f"depth must be at least 1, got {depth}")
-        self.dims, self.depth, self.norm = dims, depth, norm
+        self.dims, self.depth, self.norm, self.checkpointing = dims, depth, norm, checkpointing
         widths = [min(base_channels * 2 ** i, max_channels) for i in range(depth + 1)]
         up = nn.ConvTranspose3d if dims == 3 else nn.ConvTranspose2d
         conv = nn.Conv3d if dims == 3 else nn.Conv2d
@@ -73,15 +74,22 @@ class UNet(nn.Module):
         self.check_size(x.shape[2:])
         skips = []
         for stage in self.encoder:
-            x = stage(x)
+            x = self.run_stage(stage, x)
             skips.append(x)
         skips.pop()  # the bottleneck output is x itself
         for upsample, stage in zip(self.upsamplers, self.decoder):
-            x = stage(torch.cat([upsample(x), skips.pop()], dim=1))
+            x = self.run_stage(stage, torch.cat([upsample(x), skips.pop()], dim=1))
         return self.head(x)
+
+    def run_stage(self, stage, x):
+        """With gradient checkpointing a stage keeps only its input for the backward pass and
+        recomputes its inner activations there: less memory for about one more forward."""
+        if self.checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(stage, x, use_reentrant=False)
+        return stage(x)
 
 
 def build_model(model_cfg):
     """The UNet described by a ModelConfig."""
     return UNet(model_cfg.in_channels, model_cfg.out_channels, model_cfg.base_channels, model_cfg.depth,
-                model_cfg.norm, model_cfg.dims, model_cfg.max_channels)
+                model_cfg.norm, model_cfg.dims, model_cfg.max_channels, model_cfg.checkpointing)

@@ -41,3 +41,17 @@ def test_one_voxel_bottleneck_with_instance_norm_is_a_clear_error():
 def test_unknown_norm():
     with pytest.raises(ValueError, match="unknown norm"):
         UNet(norm="layer")
+
+
+def test_gradient_checkpointing_gives_the_same_outputs_and_gradients():
+    torch.manual_seed(0)
+    plain = UNet(base_channels=4, depth=2)
+    saving = UNet(base_channels=4, depth=2, checkpointing=True)
+    saving.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 4, 16, 16, 16)
+    out_plain, out_saving = plain(x), saving(x)
+    torch.testing.assert_close(out_saving, out_plain)
+    out_plain.square().mean().backward()
+    out_saving.square().mean().backward()
+    for (name, a), b in zip(plain.named_parameters(), saving.parameters()):
+        torch.testing.assert_close(b.grad, a.grad, msg=name)
