@@ -107,6 +107,8 @@ def run(cfg, resume=None):
     paths = ensure_data(cfg.data)
     validate_cases(paths, case_format(cfg.data))
     device = resolve_device(cfg.train.device)
+    # fixed input sizes (resize target, patch, window): let cuDNN pick its fastest kernels once
+    torch.backends.cudnn.benchmark = device.type == "cuda" and not cfg.train.deterministic
     model = build_model(cfg.model).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     if resume:
