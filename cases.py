@@ -173,11 +173,6 @@ def _plain(value):
     return value
 
 
-def check_case(path, fmt=None):
-    """Validate a file without keeping its arrays (used before training starts)."""
-    read_case(path, fmt)
-
-
 def brain_stats(image):
     """Per-channel mean and std over non-zero voxels (float64 arrays of length C)."""
     means, stds = [], []

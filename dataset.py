@@ -26,7 +26,6 @@ from cases import (CaseFormat, DataError, as_labels, case_id_of, channel_first, 
 from transforms import augment, labels_to_regions, resize_image, resize_labels, task_labels, task_regions, zscore_brain
 
 log = logging.getLogger(__name__)
-SPLITS = ("train", "val", "test")
 
 
 def case_format(data_cfg):
