@@ -17,7 +17,7 @@ import torch
 
 from config import build_config, split_args
 from dataset import build_datasets, loader_workers, make_loader
-from inference import model_predictor, sliding_window
+from inference import autocast, model_predictor, sliding_window
 from losses import DiceBCELoss
 from model import build_model
 from train import autocast_dtype, cpu_has_fast_bf16, prepare_model, resolve_device
@@ -103,7 +103,7 @@ def make_step(model, batch, device, amp_dtype):
     loss_fn = DiceBCELoss()
 
     def step():
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with autocast(device, amp_dtype):
             loss = loss_fn(model(image), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -223,8 +223,7 @@ def compare_monai(cfg, device, batch_size, size, case_shape, repeats):
     predictor = model_predictor(plain, device, amp_dtype)
 
     def theirs():
-        with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                             enabled=amp_dtype is not None):
+        with torch.no_grad(), autocast(device, amp_dtype):
             return sliding_window_inference(image[None].to(device), window, ev.sw_batch_size, plain,
                                             overlap=ev.overlap, mode="gaussian" if ev.gaussian else "constant")
     infer = interleaved({"ours": lambda: sliding_window(predictor, image, window, ev.overlap, ev.sw_batch_size,

@@ -103,10 +103,15 @@ def sliding_window(predictor, image, window, overlap=0.5, batch_size=2, gaussian
     return output[(slice(None), *crop)].contiguous()
 
 
+def autocast(device, amp_dtype):
+    """Mixed precision in `amp_dtype` on `device`, or plain fp32 when it is None."""
+    return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
+
+
 def model_predictor(model, device, amp_dtype=None):
     """The callable sliding_window needs: batch in, float logits out, autocast on CUDA when asked."""
     def predict(batch):
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with autocast(device, amp_dtype):
             return model(batch).float()
     return predict
 

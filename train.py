@@ -28,7 +28,7 @@ from atomic import atomic_path, write_text
 from checkpoint import restore_rng_states, rng_states, save_checkpoint, save_last, unwrap
 from config import to_dict
 from dataset import loader_workers, make_loader
-from inference import model_predictor, sliding_window
+from inference import autocast, model_predictor, sliding_window
 from metrics import confusion, scores_from_counts
 from transforms import task_regions
 
@@ -163,7 +163,7 @@ def train_step(model, batch, loss_fn, optimizer, scaler, device, amp_dtype, grad
     """One optimisation step; returns the loss, or None when the step was skipped."""
     image = batch["image"].to(device, non_blocking=True)
     target = batch["target"].to(device, non_blocking=True)
-    with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+    with autocast(device, amp_dtype):
         loss = loss_fn(model(image), target)
     optimizer.zero_grad(set_to_none=True)
     if not guard.check(loss.detach(), "loss"):
@@ -209,11 +209,10 @@ def validate(model, loader, loss_fn, device, amp_dtype, threshold, window=None, 
     total, count, counts = 0.0, 0, {}
     for batch in loader:
         image, target = batch["image"].to(device), batch["target"].to(device)
+        predictor = model_predictor(model, device, amp_dtype)
         if window is None:
-            with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                logits = model(image)
+            logits = predictor(image)
         else:
-            predictor = model_predictor(model, device, amp_dtype)
             logits = torch.stack([sliding_window(predictor, x, window, overlap, sw_batch_size) for x in image])
         total += loss_fn(logits, target).item() * image.shape[0]
         count += image.shape[0]
