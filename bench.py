@@ -16,8 +16,9 @@ import time
 import torch
 
 from config import build_config, split_args
-from dataset import build_datasets, loader_workers, make_loader
+from dataset import build_dataset
 from inference import autocast, model_predictor, sliding_window
+from loaders import loader_workers, make_loader
 from losses import DiceBCELoss
 from model import build_model
 from train import autocast_dtype, cpu_has_fast_bf16, prepare_model, resolve_device
@@ -151,9 +152,10 @@ def bench_loader(cfg, device, n_cases, epochs, case_sizes=(72, 104)):
     from synthetic import generate_dataset
     with tempfile.TemporaryDirectory() as folder:
         paths = generate_dataset(folder, n_cases, seed=0, min_size=case_sizes[0], max_size=case_sizes[1])
-        train_set, _ = build_datasets(cfg.data, paths, paths[:1], seed=0)
+        train_set = build_dataset(cfg.data, paths, True)
         workers = loader_workers(cfg.data.num_workers, device)
-        loader = make_loader(train_set, cfg.train.batch_size, True, workers, pin_memory=device.type == "cuda")
+        loader = make_loader(train_set, cfg.train.batch_size, True, num_workers=workers,
+                             pin_memory=device.type == "cuda")
         for _ in loader:  # first epoch: reads, normalises and caches the cases
             pass
         start, samples = time.perf_counter(), 0

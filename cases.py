@@ -23,6 +23,7 @@ import h5py
 import numpy as np
 
 from atomic import atomic_path
+from config import TASK_REGIONS
 
 BRATS_LABELS = (0, 1, 2, 4)
 MODALITIES = ("flair", "t1", "t1ce", "t2")
@@ -68,6 +69,15 @@ def parse_label_map(text):
     return mapping
 
 
+def case_format(data_cfg):
+    """How to read the configured data: keys, channel order, label renaming, and the labels data.task
+    allows (background and every label of its regions)."""
+    labels = {0, *(label for region in TASK_REGIONS[data_cfg.task].values() for label in region)}
+    return CaseFormat(image_key=data_cfg.image_key, mask_key=data_cfg.mask_key, channels=data_cfg.channels,
+                      channel_last=data_cfg.channel_last, label_map=parse_label_map(data_cfg.label_map),
+                      labels=tuple(sorted(labels)))
+
+
 def case_id_of(path):
     return os.path.splitext(os.path.basename(path))[0]
 
@@ -111,6 +121,30 @@ def channel_first(image, path, fmt):
         raise DataError(f"{path}: image has {image.shape[0]} channels (shape {image.shape}); "
                         f"the config expects {fmt.channels} (data.channels)")
     return image
+
+
+def image_layout(dataset, path, fmt):
+    """(channel axis: 0 or -1, spatial shape) of an image dataset, validated as read_case validates
+    it but from its shape alone, reading no voxels."""
+    moved = channel_first(np.broadcast_to(np.float32(0), dataset.shape), path, fmt)
+    return (-1 if moved.shape != tuple(dataset.shape) else 0), moved.shape[1:]
+
+
+def read_box(dataset, start, size, channel_axis=None):
+    """The part of an HDF5 dataset inside the box [start, start + size), zero-padded where the box
+    leaves the volume; reads only that hyperslab. `channel_axis` 0 or -1 keeps that axis whole."""
+    spatial = dataset.shape[1:] if channel_axis == 0 else dataset.shape[:-1] if channel_axis == -1 else dataset.shape
+    src = tuple(slice(max(o, 0), min(o + w, s)) for o, w, s in zip(start, size, spatial))
+    dst = tuple(slice(sl.start - o, sl.stop - o) for sl, o in zip(src, start))
+    if channel_axis == 0:
+        src, dst, shape = (slice(None), *src), (slice(None), *dst), (dataset.shape[0], *size)
+    elif channel_axis == -1:
+        src, dst, shape = (*src, slice(None)), (*dst, slice(None)), (*size, dataset.shape[-1])
+    else:
+        shape = tuple(size)
+    out = np.zeros(shape, dataset.dtype)
+    out[dst] = dataset[src]
+    return out
 
 
 def as_labels(mask, path, fmt, spatial):
@@ -174,12 +208,16 @@ def _plain(value):
 
 
 def brain_stats(image):
-    """Per-channel mean and std over non-zero voxels (float64 arrays of length C)."""
+    """Per-channel mean and std over the brain (non-zero voxels) of a (C, *spatial) image: float64
+    arrays of length C; a channel without brain gets (0, 1). Taken from sums, to which the background
+    adds nothing: boolean indexing would copy the brain out (5-10x slower)."""
     means, stds = [], []
-    for channel in image:
-        values = channel[channel != 0].astype(np.float64)
-        means.append(values.mean() if values.size else 0.0)
-        stds.append(values.std() if values.size else 1.0)
+    for channel in np.asarray(image):
+        count = np.count_nonzero(channel)
+        values = channel.ravel().astype(np.float64)
+        mean = values.sum() / count if count else 0.0
+        means.append(mean)
+        stds.append(np.sqrt(max(values @ values / count - mean ** 2, 0.0)) if count else 1.0)
     return np.asarray(means), np.asarray(stds)
 
 

@@ -9,6 +9,10 @@ import difflib
 import json
 from dataclasses import dataclass, field
 
+# The regions (sigmoid output channels) of each data.task, each a set of mask labels: "brats" scores
+# BraTS 2018-21 labels (1 NCR, 2 ED, 4 ET) as WT/TC/ET; "binary" is a 0/1 mask (Kaggle LGG).
+TASK_REGIONS = {"brats": {"WT": (1, 2, 4), "TC": (1, 4), "ET": (4,)}, "binary": {"tumour": (1,)}}
+
 
 @dataclass
 class DataConfig:
@@ -253,3 +257,4 @@ def diff_keys(a, b):
     flat_a, flat_b = to_dict(a), to_dict(b)
     return sorted(f"{section}.{name}" for section in flat_a for name in flat_a[section]
                   if flat_a[section][name] != flat_b[section].get(name))
+

@@ -1,73 +1,34 @@
-"""The training data: a folder of per-case .h5 files, split per case, served as tensors.
+"""The training samples of each data.mode, served as tensors from per-case .h5 files.
 
 A sample is {"image": (C, *size) float, "target": (R, *size) float, "case_id": str}, with one target
 channel per region of data.task (WT/TC/ET for "brats", "tumour" for "binary").
-Three training modes (data.mode): "resize" serves whole cases resized to data.image_size;
-"patch" serves random data.patch_size patches read straight from the chunked HDF5 file (only
-the patch's hyperslab is read), a share of them centred on tumour. Validation in patch mode
-serves whole normalised cases for sliding-window prediction. "slices" serves 2D axial slices
-(for model.dims 2): sampled per case with a set share of tumour slices in training, every
-slice of every case in validation.
+ResizeDataset ("resize") serves whole cases resized to data.image_size; PatchDataset ("patch")
+serves random data.patch_size patches read straight from the chunked HDF5 file (only the patch's
+hyperslab is read), a share of them centred on tumour; SliceDataset ("slices", model.dims 2)
+serves 2D axial slices, sampled per case with a set share of tumour slices. Their non-training
+variants (whole native cases for patch mode, every slice in order) serve validation.
 Files are opened lazily in whichever process asks for a sample (DataLoader workers included).
 Augmentation randomness is a pure function of (seed, epoch, index), so a run's samples are the
 same whatever the number of workers, and a resumed run sees the same samples as an unbroken one.
 """
-import glob
 import logging
-import os
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
-from torch.utils.data.distributed import DistributedSampler
+from torch.utils.data import Dataset
 
-from cases import (CaseFormat, DataError, as_labels, case_id_of, channel_first, get_dataset,
-                   open_case, parse_label_map, read_case)
-from transforms import augment, labels_to_regions, resize_image, resize_labels, task_labels, task_regions, zscore_brain
+from cases import (DataError, as_labels, brain_stats, case_format, case_id_of, get_dataset, image_layout,
+                   open_case, read_box, read_case)
+from transforms import augment, labels_to_regions, resize_image, resize_labels, task_regions, zscore, zscore_brain
 
 log = logging.getLogger(__name__)
 
-
-def case_format(data_cfg):
-    """How to read the configured data: keys, channel order, labels."""
-    return CaseFormat(image_key=data_cfg.image_key, mask_key=data_cfg.mask_key, channels=data_cfg.channels,
-                      channel_last=data_cfg.channel_last, label_map=parse_label_map(data_cfg.label_map),
-                      labels=task_labels(data_cfg.task))
+MAX_FOREGROUND_POINTS = 10_000  # tumour voxels kept per case for centring patches (as nnU-Net does)
 
 
-def list_cases(folder):
-    """Sorted .h5 files in a folder; a clear error when there are none."""
-    if not os.path.isdir(folder):
-        raise DataError(f"{folder}: data folder does not exist")
-    paths = sorted(glob.glob(os.path.join(folder, "*.h5")))
-    if not paths:
-        others = sorted(os.listdir(folder))[:5]
-        raise DataError(f"{folder}: no .h5 case files found" + (f" (found e.g. {others})" if others else " (empty)"))
-    return paths
-
-
-def validate_cases(paths, fmt):
-    """Read every case once before training, so a bad file stops the run before it starts."""
-    for path in paths:
-        read_case(path, fmt)
-
-
-def split_cases(case_ids, val_fraction, test_fraction, seed):
-    """Deterministic per-case split: {'train': [...], 'val': [...], 'test': [...]}, no id in two parts."""
-    ids = sorted(case_ids)
-    order = np.random.default_rng(seed).permutation(len(ids))
-    n_test = max(1, round(len(ids) * test_fraction)) if test_fraction > 0 else 0
-    n_val = max(1, round(len(ids) * val_fraction)) if val_fraction > 0 else 0
-    if n_test + n_val >= len(ids):
-        raise DataError(f"{len(ids)} cases are too few to hold out {n_val} for validation and {n_test} for "
-                        f"test; lower data.val_fraction / data.test_fraction or add cases")
-    shuffled = [ids[i] for i in order]
-    return {"test": sorted(shuffled[:n_test]), "val": sorted(shuffled[n_test:n_test + n_val]),
-            "train": sorted(shuffled[n_test + n_val:])}
-
-
-class BratsDataset(Dataset):
-    """Whole cases resized to data.image_size (resize mode), augmented when `train` is true."""
+class H5Dataset(Dataset):
+    """Samples drawn from a list of case files: how to read them, the sample's random generator and a
+    cache of prepared cases (up to data.cache_gb), shared by the datasets of every mode."""
 
     def __init__(self, paths, data_cfg, train, seed=0):
         self.paths, self.cfg, self.train, self.seed = list(paths), data_cfg, train, seed
@@ -86,64 +47,33 @@ class BratsDataset(Dataset):
         return torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 10_007 + index)
 
     def prepared(self, index):
-        """Normalised, resized (image, mask, case_id) before augmentation, cached up to data.cache_gb."""
+        """self.prepare(index) (a tuple of a case's tensors and facts), cached while data.cache_gb allows."""
         if index in self.cache:
             return self.cache[index]
-        case = read_case(self.paths[index], self.fmt)
-        size = tuple(self.cfg.image_size)
-        item = (resize_image(zscore_brain(case.image), size), resize_labels(torch.from_numpy(case.mask), size),
-                case.case_id)
-        nbytes = item[0].nbytes + item[1].nbytes
+        item = self.prepare(index)
+        nbytes = sum(part.nbytes for part in item if isinstance(part, torch.Tensor))
         if self.cached_bytes + nbytes <= self.cfg.cache_gb * 2 ** 30:
             self.cache[index], self.cached_bytes = item, self.cached_bytes + nbytes
         return item
 
-    def __getitem__(self, index):
-        image, mask, case_id = self.prepared(index)
+    def sample(self, image, mask, case_id, gen):
+        """The sample dict, augmented with `gen` in training when data.augment is on."""
         if self.train and self.cfg.augment:
-            image, mask = augment(image, mask, self.generator(index), self.cfg)
+            image, mask = augment(image, mask, gen, self.cfg)
         return {"image": image, "target": labels_to_regions(mask, self.regions), "case_id": case_id}
 
 
-def loader_workers(requested, device):
-    """-1 picks: 0 on CPU (a worker competes with the step's threads for the same cores), else up to 4."""
-    if requested >= 0:
-        return requested
-    return 0 if device.type == "cpu" else min(4, os.cpu_count() or 1)
+class ResizeDataset(H5Dataset):
+    """Whole cases, normalised and resized to data.image_size (resize mode)."""
 
+    def prepare(self, index):
+        case = read_case(self.paths[index], self.fmt)
+        size = tuple(self.cfg.image_size)
+        return resize_image(zscore_brain(case.image), size), resize_labels(torch.from_numpy(case.mask), size), \
+            case.case_id
 
-def epoch_order(n, shuffle, seed, epoch):
-    """The sample order of an epoch: a pure function of (seed, epoch), so a resumed run repeats it."""
-    if not shuffle:
-        return list(range(n))
-    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
-
-
-def shard_order(n, shuffle, seed, epoch, rank, world_size):
-    """This rank's share of an epoch under DDP. Training (shuffle): torch's DistributedSampler with
-    set_epoch, which pads with repeats so every rank takes the same number of steps (DDP needs it).
-    Evaluation: cases i = rank, rank + world, ... with no padding, so nothing is counted twice."""
-    if not shuffle:
-        return list(range(rank, n, world_size))
-    sampler = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
-    sampler.set_epoch(epoch)
-    return list(sampler)
-
-
-def make_loader(dataset, batch_size, shuffle, num_workers, seed=0, epoch=0, pin_memory=False, skip_batches=0,
-                rank=0, world_size=1):
-    """A DataLoader over the epoch's order (this rank's shard of it under DDP), skipping the batches
-    a resumed partial epoch already took."""
-    if world_size > 1:
-        order = shard_order(len(dataset), shuffle, seed, epoch, rank, world_size)
-    else:
-        order = epoch_order(len(dataset), shuffle, seed, epoch)
-    order = order[skip_batches * batch_size:]
-    return DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=num_workers,
-                      pin_memory=pin_memory, drop_last=False, persistent_workers=False)
-
-
-MAX_FOREGROUND_POINTS = 10_000  # tumour voxels kept per case for centring patches (as nnU-Net does)
+    def __getitem__(self, index):
+        return self.sample(*self.prepared(index), self.generator(index))
 
 
 def patch_start(shape, patch, foreground, fraction, gen):
@@ -166,27 +96,10 @@ def patch_start(shape, patch, foreground, fraction, gen):
     return tuple(start), centred
 
 
-def read_box(dataset, start, patch, channel_axis=None):
-    """The part of an HDF5 dataset inside the box [start, start + patch), zero-padded where the box
-    leaves the volume; reads only that hyperslab. `channel_axis` 0 or -1 keeps that axis whole."""
-    spatial = dataset.shape[1:] if channel_axis == 0 else dataset.shape[:-1] if channel_axis == -1 else dataset.shape
-    src = tuple(slice(max(o, 0), min(o + w, s)) for o, w, s in zip(start, patch, spatial))
-    dst = tuple(slice(sl.start - o, sl.stop - o) for sl, o in zip(src, start))
-    if channel_axis == 0:
-        src, dst, shape = (slice(None), *src), (slice(None), *dst), (dataset.shape[0], *patch)
-    elif channel_axis == -1:
-        src, dst, shape = (*src, slice(None)), (*dst, slice(None)), (*patch, dataset.shape[-1])
-    else:
-        shape = tuple(patch)
-    out = np.zeros(shape, dataset.dtype)
-    out[dst] = dataset[src]
-    return out
-
-
-class PatchDataset(BratsDataset):
+class PatchDataset(H5Dataset):
     """Random patches of data.patch_size from each case (patch mode), data.patches_per_case per epoch.
 
-    Per worker and case it caches the normalisation statistics (from attrs brain_mean/brain_std,
+    Per worker and case it keeps the normalisation statistics (from attrs brain_mean/brain_std,
     else computed once from the whole volume) and up to MAX_FOREGROUND_POINTS tumour voxels.
     """
 
@@ -199,29 +112,24 @@ class PatchDataset(BratsDataset):
         return len(self.paths) * self.per_case
 
     def _case_info(self, path, f):
-        """(image dataset, channel axis, mean, std, foreground points, spatial shape) of an open case."""
+        """(image dataset, channel axis, (mean, std), foreground points, spatial shape) of an open case."""
         dset = get_dataset(f, path, self.fmt.image_key)
-        # validate the layout on a zero-cost view of the shape, then read channel order from it
-        moved = channel_first(np.broadcast_to(np.float32(0), dset.shape), path, self.fmt)
-        channel_axis = -1 if moved.shape != tuple(dset.shape) else 0
+        channel_axis, spatial = image_layout(dset, path, self.fmt)
         if path not in self._stats:
             self._stats[path] = self._brain_stats(path, f, dset, channel_axis)
         if path not in self._foreground:
-            mask = self._mask(path, f, (0,) * 3, moved.shape[1:], moved.shape[1:])
-            points = np.argwhere(mask > 0).astype(np.int32)
+            points = np.argwhere(self._mask(path, f, (0,) * 3, spatial, spatial) > 0).astype(np.int32)
             if len(points) > MAX_FOREGROUND_POINTS:
                 points = points[np.random.default_rng(0).choice(len(points), MAX_FOREGROUND_POINTS, replace=False)]
             self._foreground[path] = points
-        return dset, channel_axis, *self._stats[path], self._foreground[path], moved.shape[1:]
+        return dset, channel_axis, self._stats[path], self._foreground[path], spatial
 
-    def _brain_stats(self, path, f, dset, channel_axis):
+    @staticmethod
+    def _brain_stats(path, f, dset, channel_axis):
         if "brain_mean" in f.attrs and "brain_std" in f.attrs:
             return np.asarray(f.attrs["brain_mean"], np.float64), np.asarray(f.attrs["brain_std"], np.float64)
         log.info("%s: no brain_mean/brain_std attributes; computing them from the whole volume once", path)
-        image = np.moveaxis(dset[()], -1, 0) if channel_axis == -1 else dset[()]
-        values = [c[c != 0].astype(np.float64) for c in image]
-        return (np.array([v.mean() if v.size else 0.0 for v in values]),
-                np.array([v.std() if v.size else 1.0 for v in values]))
+        return brain_stats(np.moveaxis(dset[()], -1, 0) if channel_axis == -1 else dset[()])
 
     def _mask(self, path, f, start, patch, spatial):
         dset = get_dataset(f, path, self.fmt.mask_key)
@@ -236,45 +144,22 @@ class PatchDataset(BratsDataset):
         path, gen = self.paths[index % len(self.paths)], self.generator(index)
         patch = tuple(self.cfg.patch_size)
         with open_case(path) as f:
-            dset, channel_axis, mean, std, foreground, spatial = self._case_info(path, f)
+            dset, channel_axis, stats, foreground, spatial = self._case_info(path, f)
             fraction = self.cfg.foreground_fraction if self.train else 0.0
             start, _ = patch_start(spatial, patch, foreground, fraction, gen)
             raw = read_box(dset, start, patch, channel_axis).astype(np.float32)
             mask = self._mask(path, f, start, patch, spatial)
-        raw = np.moveaxis(raw, -1, 0) if channel_axis == -1 else raw
-        image = torch.from_numpy(normalise(raw, mean, std))
-        mask = torch.from_numpy(mask)
-        if self.train and self.cfg.augment:
-            image, mask = augment(image, mask, gen, self.cfg)
-        return {"image": image, "target": labels_to_regions(mask, self.regions), "case_id": case_id_of(path)}
+        image = zscore(np.moveaxis(raw, -1, 0) if channel_axis == -1 else raw, *stats)
+        return self.sample(image, torch.from_numpy(mask), case_id_of(path), gen)
 
 
-def normalise(raw, mean, std):
-    """Per-channel z-score with given brain statistics; background (0) stays 0, as in zscore_brain."""
-    view = (-1,) + (1,) * (raw.ndim - 1)
-    scaled = (raw - np.reshape(mean, view)) / np.maximum(np.reshape(std, view), 1e-8)
-    return np.where(raw != 0, scaled, 0).astype(np.float32)
-
-
-class CaseDataset(BratsDataset):
-    """Whole cases at their native grid, normalised (patch-mode validation by sliding window)."""
+class CaseDataset(H5Dataset):
+    """Whole cases at their native grid, normalised, not augmented (patch mode's validation)."""
 
     def __getitem__(self, index):
         case = read_case(self.paths[index], self.fmt)
         return {"image": zscore_brain(case.image), "target": labels_to_regions(case.mask, self.regions),
                 "case_id": case.case_id}
-
-
-def slice_size(data_cfg):
-    """The 2D (H, W) slices are resized to: the last two axes of data.image_size."""
-    return tuple(data_cfg.image_size)[-2:]
-
-
-def slice_count(path, fmt):
-    """Number of axial slices (D) of a case, read from the image's shape without loading it."""
-    with open_case(path) as f:
-        shape = get_dataset(f, path, fmt.image_key).shape
-    return channel_first(np.broadcast_to(np.float32(0), shape), path, fmt).shape[1]
 
 
 def pick_slice(tumour, fraction, gen):
@@ -287,12 +172,18 @@ def pick_slice(tumour, fraction, gen):
     return int(pool[int(torch.randint(len(pool), (), generator=gen))])
 
 
-class SliceDataset(BratsDataset):
+def slice_count(path, fmt):
+    """Number of axial slices (D) of a case, read from the image's shape without loading it."""
+    with open_case(path) as f:
+        return image_layout(get_dataset(f, path, fmt.image_key), path, fmt)[1][0]
+
+
+class SliceDataset(H5Dataset):
     """2D axial slices of each case (slices mode), resized to the last two axes of data.image_size.
 
     Each case is z-scored over its whole brain (as in 3D), so a slice's intensities do not depend
     on how much brain it cuts. Training draws data.slices_per_case slices per case and epoch (0: as
-    many as it has), a data.foreground_fraction share of them with tumour; validation serves every
+    many as it has), a data.foreground_fraction share of them with tumour; otherwise it serves every
     slice of every case in order.
     """
 
@@ -305,42 +196,32 @@ class SliceDataset(BratsDataset):
     def __len__(self):
         return int(self.ends[-1]) if len(self.ends) else 0
 
-    def prepared(self, index):
-        """(image (C, D, h, w), mask (D, h, w), tumour per slice, case_id), cached up to data.cache_gb."""
-        if index in self.cache:
-            return self.cache[index]
+    def prepare(self, index):
+        """(image (C, D, h, w), mask (D, h, w), tumour per slice, case_id) of case `index`."""
         case = read_case(self.paths[index], self.fmt)
         # keeping D, a trilinear (nearest) resize is exactly a per-slice bilinear (nearest) one
-        size = (case.mask.shape[0], *slice_size(self.cfg))
+        size = (case.mask.shape[0], *tuple(self.cfg.image_size)[-2:])
         image = resize_image(zscore_brain(case.image), size)
         mask = resize_labels(torch.from_numpy(case.mask), size)
-        item = (image, mask, case.mask.reshape(len(case.mask), -1).any(1), case.case_id)
-        nbytes = image.nbytes + mask.nbytes
-        if self.cached_bytes + nbytes <= self.cfg.cache_gb * 2 ** 30:
-            self.cache[index], self.cached_bytes = item, self.cached_bytes + nbytes
-        return item
+        return image, mask, case.mask.reshape(len(case.mask), -1).any(1), case.case_id
 
     def __getitem__(self, index):
         case_index = int(np.searchsorted(self.ends, index, side="right"))
         image, mask, tumour, case_id = self.prepared(case_index)
+        gen = self.generator(index)
         if self.train:
-            gen = self.generator(index)
             z = pick_slice(tumour, self.cfg.foreground_fraction, gen)
         else:
             z = index - (int(self.ends[case_index - 1]) if case_index else 0)
-        image, mask = image[:, z], mask[z]
-        if self.train and self.cfg.augment:
-            image, mask = augment(image, mask, gen, self.cfg)
-        return {"image": image, "target": labels_to_regions(mask, self.regions), "case_id": case_id}
+        return self.sample(image[:, z], mask[z], case_id, gen)
 
 
-def build_datasets(data_cfg, train_paths, val_paths, seed=0):
-    """(train set, validation set) for data.mode: resized cases, patches and whole cases, or slices."""
-    if data_cfg.mode == "resize":
-        return (BratsDataset(train_paths, data_cfg, train=True, seed=seed),
-                BratsDataset(val_paths, data_cfg, train=False))
-    if data_cfg.mode == "patch":
-        return PatchDataset(train_paths, data_cfg, train=True, seed=seed), CaseDataset(val_paths, data_cfg, False)
-    if data_cfg.mode == "slices":
-        return SliceDataset(train_paths, data_cfg, train=True, seed=seed), SliceDataset(val_paths, data_cfg, False)
-    raise ValueError(f"data.mode {data_cfg.mode!r}: choose 'resize', 'patch' or 'slices'")
+# data.mode -> (training dataset, dataset of whole cases or every slice for validation)
+DATASETS = {"resize": (ResizeDataset, ResizeDataset), "patch": (PatchDataset, CaseDataset),
+            "slices": (SliceDataset, SliceDataset)}
+
+
+def build_dataset(data_cfg, paths, train, seed=0):
+    """The dataset of data.mode over `paths`: training samples, or (train false) validation's."""
+    training, validation = DATASETS[data_cfg.mode]
+    return (training if train else validation)(paths, data_cfg, train, seed)

@@ -31,14 +31,14 @@ from tqdm import tqdm
 
 import distributed
 from atomic import write_json, write_text
-from cases import DataError, case_id_of, read_case, uncrop
+from cases import DataError, case_format, case_id_of, read_case, uncrop
 from checkpoint import CheckpointError, load_checkpoint, load_weights
 from config import build_config, from_dict, split_args
-from dataset import case_format, list_cases
 from export import export_case
 from inference import keep_largest_component, predict_case, remove_small_enhancing
 from metrics import METRICS, pool_slice_scores, score_case, slice_scores, summarise
 from model import build_model
+from splits import list_cases
 from train import autocast_dtype, resolve_device
 from transforms import labels_to_regions, task_regions
 

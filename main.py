@@ -19,13 +19,14 @@ import torch
 
 import distributed
 from atomic import atomic_path, write_json
-from cases import DataError, case_id_of
+from cases import DataError, case_format, case_id_of
 from checkpoint import CheckpointError, load_resumable
 from config import RESUME_SAFE_KEYS, Config, build_config, diff_keys, from_dict, split_args, to_dict
-from dataset import build_datasets, case_format, list_cases, split_cases, validate_cases
+from dataset import build_dataset
 from evaluate import evaluate_checkpoint, format_table
 from losses import DiceBCELoss
 from model import build_model
+from splits import list_cases, split_cases, validate_cases
 from train import TrainingStopped, fit, prepare_model, resolve_device
 from transforms import task_regions
 
@@ -127,8 +128,8 @@ def run(cfg, resume=None):
         raise error or OutputError("rank 0 could not prepare the run folder (its message says why)")
     run_dir = distributed.broadcast_object(run_dir if distributed.is_main() else None)
     by_id = {case_id_of(p): p for p in paths}
-    train_set, val_set = build_datasets(cfg.data, [by_id[c] for c in split["train"]],
-                                        [by_id[c] for c in split["val"]], seed=cfg.train.seed)
+    train_set = build_dataset(cfg.data, [by_id[c] for c in split["train"]], True, cfg.train.seed)
+    val_set = build_dataset(cfg.data, [by_id[c] for c in split["val"]], False)
     # fast paths (channels-last, compile) go on the bare module, before DDP wraps it
     model = distributed.wrap_model(prepare_model(model, cfg.train, device), device,
                                    cfg.train.sync_batchnorm and cfg.model.norm == "batch")

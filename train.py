@@ -27,7 +27,7 @@ import distributed
 from atomic import atomic_path, write_text
 from checkpoint import restore_rng_states, rng_states, save_checkpoint, save_last, unwrap
 from config import to_dict
-from dataset import loader_workers, make_loader
+from loaders import loader_workers, make_loader
 from inference import autocast, model_predictor, sliding_window
 from metrics import confusion, scores_from_counts
 from transforms import task_regions
@@ -294,7 +294,7 @@ def fit(cfg, model, loss_fn, train_set, val_set, run_dir, device, resume=None):
     Returns (path of best.pt, the signal number that stopped training or None). Under torchrun
     `model` is DDP-wrapped (distributed.wrap_model) and every rank calls fit; rank 0 writes."""
     tc = cfg.train
-    rank, world, main = distributed.rank(), distributed.world_size(), distributed.is_main()
+    world, main = distributed.world_size(), distributed.is_main()
     lr = tc.lr * world if tc.scale_lr else tc.lr  # linear scaling rule for the world-times larger batch
     if world > 1:
         log.info("DDP: %d processes, global batch %d, lr %g", world, tc.batch_size * world, lr)
@@ -316,14 +316,14 @@ def fit(cfg, model, loss_fn, train_set, val_set, run_dir, device, resume=None):
     window = tuple(cfg.data.patch_size) if cfg.data.mode == "patch" else None
     val_batch = 1 if window else cfg.eval.batch_size
     region_names = list(task_regions(cfg.data.task))
-    val_loader = make_loader(val_set, val_batch, False, workers, pin_memory=pin, rank=rank, world_size=world)
+    val_loader = make_loader(val_set, val_batch, False, num_workers=workers, pin_memory=pin)
     best_path, started, guard = os.path.join(run_dir, "best.pt"), time.time(), BadStepGuard(tc.max_bad_steps)
     with GracefulStop() as stop:
         for epoch in range(start_epoch, tc.epochs + 1):
             epoch_start = time.time()
             train_set.set_epoch(epoch)
-            train_loader = make_loader(train_set, tc.batch_size, True, workers, seed=tc.seed, epoch=epoch,
-                                       pin_memory=pin, skip_batches=progress["steps"], rank=rank, world_size=world)
+            train_loader = make_loader(train_set, tc.batch_size, True, num_workers=workers, seed=tc.seed,
+                                       epoch=epoch, pin_memory=pin, skip_batches=progress["steps"])
             train_one_epoch(model, train_loader, loss_fn, optimizer, scaler, device, amp_dtype, tc.grad_clip,
                             guard, stop, progress, desc=f"epoch {epoch}/{tc.epochs}")
             loss_sum, count = distributed.all_reduce_sum(

@@ -10,37 +10,31 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-# BraTS evaluation regions, each a set of labels (2018-21 labels: 1 NCR, 2 ED, 4 ET).
-REGIONS = {"WT": (1, 2, 4), "TC": (1, 4), "ET": (4,)}
-# The regions (sigmoid output channels) of each data.task; "binary" is a 0/1 mask (Kaggle LGG).
-TASK_REGIONS = {"brats": REGIONS, "binary": {"tumour": (1,)}}
+from cases import brain_stats
+from config import TASK_REGIONS
+
+REGIONS = TASK_REGIONS["brats"]  # BraTS evaluation regions WT/TC/ET, each a set of labels
 
 
 def task_regions(task):
-    """{region name: labels} of a data.task; a clear error for an unknown task."""
-    if task not in TASK_REGIONS:
-        raise ValueError(f"data.task {task!r}: choose one of {sorted(TASK_REGIONS)}")
+    """{region name: labels} of a data.task (config.check has validated the name)."""
     return TASK_REGIONS[task]
 
 
-def task_labels(task):
-    """Label values a mask may hold for a task: background and every label of its regions."""
-    return tuple(sorted({0, *(label for labels in task_regions(task).values() for label in labels)}))
+def zscore(image, mean, std):
+    """Per-channel z-score with given brain statistics (cases.brain_stats, or a file's brain_mean and
+    brain_std); the background (0) stays 0. A float32 tensor, computed in float64 as the statistics are."""
+    image = torch.as_tensor(image, dtype=torch.float32)
+    view = (-1,) + (1,) * (image.dim() - 1)
+    mean = torch.as_tensor(np.asarray(mean, np.float64)).reshape(view)
+    std = torch.as_tensor(np.asarray(std, np.float64)).reshape(view).clamp_min(1e-8)
+    return torch.where(image != 0, ((image - mean) / std).float(), torch.zeros((), dtype=torch.float32))
 
 
 def zscore_brain(image):
-    """Per-channel z-score over the brain (non-zero voxels); the background stays 0.
-
-    Computed from sums rather than boolean indexing, which copies the brain out (5-10x slower).
-    """
+    """Per-channel z-score over the image's own brain (non-zero voxels); the background stays 0."""
     image = torch.as_tensor(image, dtype=torch.float32)
-    brain = image != 0
-    dims = tuple(range(1, image.dim()))
-    count = brain.sum(dims, keepdim=True).clamp_min(1)
-    mean = image.sum(dims, keepdim=True, dtype=torch.float64) / count
-    var = (image.double() ** 2).sum(dims, keepdim=True) / count - mean ** 2
-    std = var.clamp_min(0).sqrt().clamp_min(1e-8)
-    return torch.where(brain, ((image - mean) / std).float(), torch.zeros((), dtype=torch.float32))
+    return zscore(image, *brain_stats(image.numpy()))
 
 
 def labels_to_regions(mask, regions=REGIONS):

@@ -53,3 +53,4 @@ def test_round_trip_through_json():
 def test_unknown_preset_is_an_error():
     with pytest.raises(KeyError, match="preset"):
         build_config({}, preset="nope")
+

@@ -10,13 +10,14 @@ import torch
 
 from config import build_config
 from conftest import ROOT
-from dataset import SliceDataset, build_datasets, list_cases, pick_slice
+from dataset import SliceDataset, build_dataset, pick_slice
 from evaluate import evaluate_checkpoint, format_table
 from inference import keep_largest_component, predict_slices
 from layout_fixtures import write_lgg_patient
 from main import check_task, run
 from metrics import pool_slice_scores, slice_scores
 from prepare_data import main as prepare_main
+from splits import list_cases
 
 REAL_LGG = os.path.join(ROOT, "..", "shared", "data", "lgg-sample", "kaggle_3m")
 PATIENTS = [f"TCGA_XX_{i:04d}_2000010{i}" for i in range(5)]
@@ -145,7 +146,7 @@ def test_slice_datasets_serve_2d_samples(lgg_h5, tmp_path):
     cfg = lgg_config(lgg_h5, tmp_path, **{"data.slices_per_case": "3", "data.foreground_fraction": "1",
                                            "data.augment": "false"})
     paths = list_cases(lgg_h5)
-    train, val = build_datasets(cfg.data, paths[:2], paths[2:4], seed=0)
+    train, val = build_dataset(cfg.data, paths[:2], True), build_dataset(cfg.data, paths[2:4], False)
     assert isinstance(train, SliceDataset) and len(train) == 6 and len(val) == 16
     sample = train[4]
     assert sample["image"].shape == (3, 32, 32) and sample["target"].shape == (1, 32, 32)

@@ -3,8 +3,10 @@ import pytest
 import torch
 
 from config import DataConfig
-from transforms import (augment, labels_to_regions, random_flip, random_rot90, random_rotate, regions_to_labels,
-                        resize_image, resize_labels, zscore_brain)
+from cases import brain_stats
+from transforms import (augment, labels_to_regions, random_flip, random_gamma, random_intensity, random_noise,
+                        random_rot90, random_rotate, random_zoom, regions_to_labels, resize_image, resize_labels, zscore,
+                        zscore_brain)
 
 
 def labelled_volume(shape=(12, 16, 16), seed=0):
@@ -85,9 +87,55 @@ def test_zscore_over_brain_only():
     assert out[0][brain].mean().abs() < 1e-5 and (out[0][brain].std(correction=0) - 1).abs() < 1e-4
 
 
+def test_zscore_with_given_stats_is_the_one_normalisation():
+    """A patch z-scored with its case's stored statistics equals that patch of the z-scored case."""
+    image = np.zeros((3, 10, 9, 8), np.float32)
+    image[:, 2:8] = np.random.default_rng(0).uniform(20, 400, (3, 6, 9, 8))
+    patch = (slice(None), slice(1, 6), slice(2, 7), slice(0, 4))
+    assert torch.equal(zscore(image[patch], *brain_stats(image)), zscore_brain(image)[patch])
+    assert zscore(image[patch], *brain_stats(image)).dtype == torch.float32
+    flat = zscore(np.ones((1, 2, 2, 2), np.float32), [1.0], [0.0])  # zero std: clamped, not a division by 0
+    assert torch.isfinite(flat).all() and not flat.any()
+
+
 def test_resize_labels_keeps_label_values_and_image_is_smooth():
     image, mask = labelled_volume(shape=(13, 17, 11))
     small = resize_labels(mask, (8, 8, 8))
     assert small.shape == (8, 8, 8) and set(small.unique().tolist()) <= {0, 1, 2, 4}
     assert resize_image(image, (8, 8, 8)).shape == (3, 8, 8, 8)
     assert torch.equal(resize_labels(small, (8, 8, 8)), small)
+
+
+def test_intensity_augmentations_change_only_values():
+    gen = torch.Generator().manual_seed(0)
+    image = torch.randn(4, 8, 9, 10)
+    scaled = random_intensity(image, gen, 1.0, 0.1, 0.1)
+    ratio = (scaled[:, 0, 0, 0] - scaled[:, 1, 1, 1]) / (image[:, 0, 0, 0] - image[:, 1, 1, 1])
+    assert ((ratio > 0.89) & (ratio < 1.11)).all()
+    gamma = random_gamma(image, gen, 1.0, 1.5)
+    for c in range(4):  # each channel keeps its range and its voxel order
+        assert gamma[c].min() == pytest.approx(float(image[c].min()), abs=1e-5)
+        assert gamma[c].max() == pytest.approx(float(image[c].max()), abs=1e-5)
+        assert torch.equal(gamma[c].flatten().argsort(), image[c].flatten().argsort())
+    noisy = random_noise(image, gen, 1.0, 0.1)
+    assert 0 < float((noisy - image).std()) < 0.11
+    assert torch.equal(random_noise(image, gen, 0.0, 0.1), image)
+
+
+def test_zoom_keeps_image_and_mask_aligned():
+    gen = torch.Generator().manual_seed(3)
+    mask = torch.zeros(20, 20, 20, dtype=torch.uint8)
+    mask[6:14, 6:14, 6:14] = 1
+    image = mask[None].float().repeat(2, 1, 1, 1) * 5
+    zoomed_image, zoomed_mask = random_zoom(image, mask, gen, 1.0, 0.3)
+    assert zoomed_mask.sum() != mask.sum()
+    assert torch.equal((zoomed_image[0] > 2.5), zoomed_mask.bool()) or \
+        ((zoomed_image[0] > 2.5) != zoomed_mask.bool()).float().mean() < 0.01
+
+
+def test_full_augmentation_with_intensity_is_reproducible():
+    cfg = DataConfig(zoom_prob=1.0, intensity_prob=1.0, gamma_prob=1.0, noise_prob=1.0)
+    image, mask = torch.randn(4, 8, 8, 8), torch.randint(0, 2, (8, 8, 8), dtype=torch.uint8)
+    first = augment(image, mask, torch.Generator().manual_seed(5), cfg)
+    second = augment(image, mask, torch.Generator().manual_seed(5), cfg)
+    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])

@@ -1,4 +1,5 @@
-"""Patch mode: hyperslab reads, padding, the foreground-centred sampler and intensity augmentation."""
+"""The Dataset of each data.mode: what a sample holds, where a patch comes from, what is cached,
+and that every sample is a pure function of (seed, epoch, index)."""
 import h5py
 import numpy as np
 import pytest
@@ -6,13 +7,14 @@ import torch
 
 from cases import write_case
 from config import DataConfig
-from dataset import CaseDataset, PatchDataset, build_datasets, patch_start, read_box
-from transforms import augment, random_gamma, random_intensity, random_noise, random_zoom, zscore_brain
+from dataset import (CaseDataset, PatchDataset, ResizeDataset, SliceDataset, build_dataset, patch_start)
+from splits import list_cases
+from transforms import zscore_brain
 
 
 def data_cfg(**changes):
     cfg = DataConfig()
-    cfg.patch_size, cfg.augment = (8, 8, 8), False
+    cfg.image_size, cfg.patch_size, cfg.augment = (8, 8, 8), (8, 8, 8), False
     for key, value in changes.items():
         setattr(cfg, key, value)
     return cfg
@@ -32,16 +34,44 @@ def small_tumour_case(path, shape=(40, 36, 30), with_attrs=True):
     return image, mask
 
 
-def test_read_box_reads_a_hyperslab_and_pads_outside():
-    data = np.arange(2 * 5 * 6 * 7, dtype=np.float32).reshape(2, 5, 6, 7)
-    with h5py.File("/dev/null", "w", driver="core", backing_store=False) as f:
-        dset = f.create_dataset("x", data=data)
-        box = read_box(dset, (-2, 1, 3), (8, 4, 4), channel_axis=0)
-        assert box.shape == (2, 8, 4, 4)
-        np.testing.assert_array_equal(box[:, 2:7, :, :4], data[:, :, 1:5, 3:7])
-        assert not box[:, :2].any() and not box[:, 7:].any()
-        last = f.create_dataset("y", data=np.moveaxis(data, 0, -1))
-        np.testing.assert_array_equal(read_box(last, (-2, 1, 3), (8, 4, 4), channel_axis=-1), np.moveaxis(box, 0, -1))
+@pytest.mark.parametrize("mode, train, kind, shape", [
+    ("resize", True, ResizeDataset, (8, 8, 8)), ("resize", False, ResizeDataset, (8, 8, 8)),
+    ("patch", True, PatchDataset, (8, 8, 8)), ("patch", False, CaseDataset, (20, 24, 22)),
+    ("slices", True, SliceDataset, (8, 8)), ("slices", False, SliceDataset, (8, 8))])
+def test_build_dataset_serves_the_mode_s_samples(tiny_dataset, mode, train, kind, shape):
+    paths = list_cases(tiny_dataset)[:2]
+    ds = build_dataset(data_cfg(mode=mode, slices_per_case=3), paths, train, seed=0)
+    assert type(ds) is kind and ds.train == train
+    sample = ds[len(ds) - 1]
+    assert sample["image"].shape == (4, *shape) and sample["target"].shape == (3, *shape)
+    assert sample["image"].dtype == sample["target"].dtype == torch.float32
+    assert sample["case_id"] == "case_001"
+
+
+def test_samples_are_a_pure_function_of_seed_epoch_and_index(tiny_dataset):
+    paths = list_cases(tiny_dataset)[:2]
+    cfg = data_cfg(augment=True, flip_prob=0.5, rotate_prob=1.0)
+
+    def image(seed, epoch, index, cache_gb=2.0):
+        ds = ResizeDataset(paths, data_cfg(**{**vars(cfg), "cache_gb": cache_gb}), train=True, seed=seed)
+        ds.set_epoch(epoch)
+        return ds[index]["image"]
+    first = image(0, 1, 1)
+    assert torch.equal(first, image(0, 1, 1, cache_gb=0.0))  # the cache changes nothing
+    assert not torch.equal(first, image(0, 2, 1)) and not torch.equal(first, image(1, 1, 1))
+
+
+def test_the_cache_keeps_prepared_cases_up_to_cache_gb(tiny_dataset):
+    paths = list_cases(tiny_dataset)[:3]
+    ds = ResizeDataset(paths, data_cfg(), train=False)
+    for index in range(3):
+        ds[index]
+    assert sorted(ds.cache) == [0, 1, 2] and ds.cached_bytes == 3 * (4 * 4 + 1) * 8 ** 3  # float32 image, uint8 mask
+    one_case = ResizeDataset(paths, data_cfg(cache_gb=ds.cached_bytes / 3 / 2 ** 30), train=False)
+    for index in range(3):
+        one_case[index]
+    assert list(one_case.cache) == [0]
+    assert torch.equal(one_case[2]["image"], ds[2]["image"])
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.33, 1.0])
@@ -64,7 +94,7 @@ def test_foreground_fraction_holds_over_many_draws(fraction):
     assert containing / draws >= fraction - 4 * sd  # random patches rarely reach the corner tumour
 
 
-def test_sampler_is_a_pure_function_of_the_generator():
+def test_patch_start_is_a_pure_function_of_the_generator():
     draw = [patch_start((30, 30, 30), (8, 8, 8), np.array([[1, 2, 3]]), 0.5, torch.Generator().manual_seed(7))
             for _ in range(2)]
     assert draw[0] == draw[1]
@@ -108,16 +138,6 @@ def test_patches_are_padded_where_the_volume_is_smaller(tmp_path):
     assert sample["image"].count_nonzero() == 4 * 4 * 16 * 5  # 4 channels x 4 brain slices x 16 rows x 5
 
 
-def test_patch_mode_builds_patch_training_and_whole_case_validation(tiny_dataset):
-    import glob
-    paths = sorted(glob.glob(tiny_dataset + "/*.h5"))
-    train_set, val_set = build_datasets(data_cfg(mode="patch"), paths[:4], paths[4:])
-    assert isinstance(train_set, PatchDataset) and isinstance(val_set, CaseDataset)
-    assert val_set[0]["image"].shape == (4, 20, 24, 22) and val_set[0]["target"].shape == (3, 20, 24, 22)
-    with pytest.raises(ValueError, match="data.mode"):
-        build_datasets(data_cfg(mode="tiles"), paths, paths)
-
-
 def test_one_hot_masks_are_refused_in_patch_mode_with_a_clear_error(tmp_path):
     path = str(tmp_path / "onehot.h5")
     with h5py.File(path, "w") as f:
@@ -127,36 +147,22 @@ def test_one_hot_masks_are_refused_in_patch_mode_with_a_clear_error(tmp_path):
         PatchDataset([path], data_cfg())[0]
 
 
-def test_intensity_augmentations_change_only_values():
-    gen = torch.Generator().manual_seed(0)
-    image = torch.randn(4, 8, 9, 10)
-    scaled = random_intensity(image, gen, 1.0, 0.1, 0.1)
-    ratio = (scaled[:, 0, 0, 0] - scaled[:, 1, 1, 1]) / (image[:, 0, 0, 0] - image[:, 1, 1, 1])
-    assert ((ratio > 0.89) & (ratio < 1.11)).all()
-    gamma = random_gamma(image, gen, 1.0, 1.5)
-    for c in range(4):  # each channel keeps its range and its voxel order
-        assert gamma[c].min() == pytest.approx(float(image[c].min()), abs=1e-5)
-        assert gamma[c].max() == pytest.approx(float(image[c].max()), abs=1e-5)
-        assert torch.equal(gamma[c].flatten().argsort(), image[c].flatten().argsort())
-    noisy = random_noise(image, gen, 1.0, 0.1)
-    assert 0 < float((noisy - image).std()) < 0.11
-    assert torch.equal(random_noise(image, gen, 0.0, 0.1), image)
+def test_whole_cases_are_z_scored_at_their_native_grid(tiny_dataset):
+    path = list_cases(tiny_dataset)[0]
+    sample = CaseDataset([path], data_cfg(), train=False)[0]
+    with h5py.File(path) as f:
+        image, mask = f["image"][()], f["mask"][()]
+    assert torch.equal(sample["image"], zscore_brain(image))
+    assert torch.equal(sample["target"][0].bool(), torch.from_numpy(mask > 0))
 
 
-def test_zoom_keeps_image_and_mask_aligned():
-    gen = torch.Generator().manual_seed(3)
-    mask = torch.zeros(20, 20, 20, dtype=torch.uint8)
-    mask[6:14, 6:14, 6:14] = 1
-    image = mask[None].float().repeat(2, 1, 1, 1) * 5
-    zoomed_image, zoomed_mask = random_zoom(image, mask, gen, 1.0, 0.3)
-    assert zoomed_mask.sum() != mask.sum()
-    assert torch.equal((zoomed_image[0] > 2.5), zoomed_mask.bool()) or \
-        ((zoomed_image[0] > 2.5) != zoomed_mask.bool()).float().mean() < 0.01
-
-
-def test_full_augmentation_with_intensity_is_reproducible():
-    cfg = data_cfg(augment=True, zoom_prob=1.0, intensity_prob=1.0, gamma_prob=1.0, noise_prob=1.0)
-    image, mask = torch.randn(4, 8, 8, 8), torch.randint(0, 2, (8, 8, 8), dtype=torch.uint8)
-    first = augment(image, mask, torch.Generator().manual_seed(5), cfg)
-    second = augment(image, mask, torch.Generator().manual_seed(5), cfg)
-    assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+def test_slices_train_on_tumour_slices_and_validate_on_every_slice_in_order(tiny_dataset):
+    paths = list_cases(tiny_dataset)[:2]
+    cfg = data_cfg(mode="slices", slices_per_case=4, foreground_fraction=1.0)
+    train = SliceDataset(paths, cfg, train=True, seed=0)
+    assert len(train) == 8 and all(train[i]["target"].any() for i in range(len(train)))
+    every = SliceDataset(paths, cfg, train=False)
+    assert len(every) == 40 and [every[i]["case_id"] for i in (0, 19, 20, 39)] == ["case_000"] * 2 + ["case_001"] * 2
+    with h5py.File(paths[1]) as f:
+        tumour = f["mask"][()].reshape(20, -1).any(1)
+    assert [bool(every[20 + z]["target"].any()) for z in range(20)] == tumour.tolist()
