@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from config import build_config, split_args
+from config import build_config, check, split_args
 from dataset import build_dataset
 from inference import autocast, model_predictor, sliding_window
 from loaders import loader_workers, make_loader
@@ -308,7 +308,7 @@ def main(argv=None):
     args = parser.parse_args(rest)
     if args.threads:
         torch.set_num_threads(args.threads)
-    cfg = build_config(pairs)
+    cfg = check(build_config(pairs))
     device = resolve_device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True

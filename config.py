@@ -7,11 +7,16 @@ errors that list the close matches. This module imports no torch, so every other
 import dataclasses
 import difflib
 import json
+import logging
 from dataclasses import dataclass, field
+
+log = logging.getLogger(__name__)
 
 # The regions (sigmoid output channels) of each data.task, each a set of mask labels: "brats" scores
 # BraTS 2018-21 labels (1 NCR, 2 ED, 4 ET) as WT/TC/ET; "binary" is a 0/1 mask (Kaggle LGG).
 TASK_REGIONS = {"brats": {"WT": (1, 2, 4), "TC": (1, 4), "ET": (4,)}, "binary": {"tumour": (1,)}}
+MODE_DIMS = {"resize": 3, "patch": 3, "slices": 2}  # the model.dims each data.mode trains
+EVAL_SPLITS = ("test", "val", "all")
 
 
 @dataclass
@@ -101,7 +106,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    split: str = "test"                # "test" | "val" | "all"
+    split: str = "test"                # evaluate.py's default --split: "test" | "val" | "all"
     threshold: float = 0.5             # sigmoid threshold for each region
     batch_size: int = 1                # cases (slices mode: slices) per forward pass in validation and prediction
     overlap: float = 0.5               # patch mode: sliding-window overlap, as a share of the window
@@ -258,3 +263,46 @@ def diff_keys(a, b):
     return sorted(f"{section}.{name}" for section in flat_a for name in flat_a[section]
                   if flat_a[section][name] != flat_b[section].get(name))
 
+
+def check(cfg, warn=False):
+    """Validate the rules that tie keys together, once, so the code that dispatches on them can trust
+    them; a ValueError says which key to change. `warn`: also log, once (the main process of a
+    training run), what the config makes training do differently."""
+    data, model = cfg.data, cfg.model
+    choices = [("data.mode", data.mode, MODE_DIMS), ("data.task", data.task, TASK_REGIONS),
+               ("data.channel_last", data.channel_last, ("auto", "true", "false")),
+               ("eval.split", cfg.eval.split, EVAL_SPLITS)]
+    for key, value, allowed in choices:
+        if value not in allowed:
+            raise ValueError(f"{key} {value!r}: choose one of {', '.join(map(repr, allowed))}")
+    if model.dims != MODE_DIMS[data.mode]:
+        raise ValueError(f"model.dims {model.dims} does not fit data.mode {data.mode}: 2D models train on "
+                         f"data.mode slices, 3D models on resize or patch")
+    regions = TASK_REGIONS[data.task]
+    if model.out_channels != len(regions):
+        raise ValueError(f"model.out_channels ({model.out_channels}) must equal the {len(regions)} regions of "
+                         f"data.task {data.task} ({', '.join(regions)})")
+    if model.in_channels != data.channels:
+        raise ValueError(f"model.in_channels ({model.in_channels}) must equal data.channels ({data.channels})")
+    check_input_size(cfg)
+    for key in ("val_fraction", "test_fraction"):
+        if not 0 <= getattr(data, key) < 1:
+            raise ValueError(f"data.{key} {getattr(data, key)}: must be at least 0 and below 1")
+    if warn and data.val_fraction == 0:
+        log.warning("data.val_fraction is 0: no validation cases, so best.pt follows the training loss")
+    return cfg
+
+
+def check_input_size(cfg):
+    """The size the model trains on (data.image_size, data.patch_size in patch mode, the last two axes
+    of data.image_size in slices mode) has model.dims axes, each divisible by 2**model.depth."""
+    key = "data.patch_size" if cfg.data.mode == "patch" else "data.image_size"
+    size = tuple(getattr(cfg.data, key.split(".")[1]))
+    if cfg.model.dims == 2:
+        size = size[-2:]
+    elif len(size) != 3:
+        raise ValueError(f"{key} {size}: data.mode {cfg.data.mode} trains a 3D model; give three sizes (D,H,W)")
+    step = 2 ** cfg.model.depth
+    if any(s % step for s in size):
+        raise ValueError(f"{key} {size}: every axis must be divisible by 2**model.depth = {step}; "
+                         f"change the size or model.depth")

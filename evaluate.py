@@ -33,7 +33,7 @@ import distributed
 from atomic import write_json, write_text
 from cases import DataError, case_format, case_id_of, read_case, uncrop
 from checkpoint import CheckpointError, load_checkpoint, load_weights
-from config import build_config, from_dict, split_args
+from config import build_config, check, from_dict, split_args
 from export import export_case
 from inference import keep_largest_component, predict_case, remove_small_enhancing
 from metrics import METRICS, pool_slice_scores, score_case, slice_scores, summarise
@@ -149,9 +149,9 @@ def format_table(summary):
     return "\n".join(lines)
 
 
-def evaluate_checkpoint(checkpoint_path, split="test", out_dir=None, overrides=None, device=None,
+def evaluate_checkpoint(checkpoint_path, split=None, out_dir=None, overrides=None, device=None,
                         save_predictions=False, overlays=False, predict=False):
-    """Rebuild the model from a checkpoint, score a split, write reports; returns the summary.
+    """Rebuild the model from a checkpoint, score a split (None: eval.split), write reports; returns the summary.
 
     With `predict` the cases need no labels: they are predicted and exported, not scored, and the
     summary only lists them. Under torchrun every rank calls this and scores its share of the cases;
@@ -162,7 +162,8 @@ def evaluate_checkpoint(checkpoint_path, split="test", out_dir=None, overrides=N
         if not key.startswith(("data.", "eval.", "train.device")):
             raise KeyError(f"--{key}: only data.*, eval.* and train.device can change at evaluation "
                            f"(the model comes from the checkpoint)")
-    cfg = build_config(overrides or {}, base=cfg)
+    cfg = check(build_config(overrides or {}, base=cfg))
+    split = split or cfg.eval.split
     device = device or resolve_device(cfg.train.device)
     model = build_model(cfg.model).to(device)
     load_weights(model, state, checkpoint_path)
@@ -193,7 +194,8 @@ def main(argv=None):
     pairs, rest = split_args(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="path to best.pt or last.pt")
-    parser.add_argument("--split", default="test", choices=["test", "val", "all"])
+    parser.add_argument("--split", default=None, choices=["test", "val", "all"],
+                        help="cases to evaluate (default: the config's eval.split, test unless changed)")
     parser.add_argument("--out", default=None, help="folder for per_case.csv, summary.json, overlays/, predictions/")
     parser.add_argument("--save-predictions", action="store_true",
                         help="write a label map per case to OUT/predictions (NIfTI when the case came from NIfTI)")

@@ -129,8 +129,6 @@ def predict_case(model, image, cfg, device, amp_dtype=None):
     if cfg.data.mode == "slices":
         return predict_slices(model_predictor(model, device, amp_dtype), image, tuple(cfg.data.image_size)[-2:],
                               cfg.eval.batch_size, cfg.eval.mirror, device)
-    if cfg.data.mode != "resize":
-        raise ValueError(f"data.mode {cfg.data.mode!r}: choose 'resize', 'patch' or 'slices'")
     native = tuple(image.shape[1:])
     x = resize_image(zscore_brain(image), tuple(cfg.data.image_size))[None].to(device)
     logits = _predict_batch(model_predictor(model, device, amp_dtype), x, _flips(len(native), cfg.eval.mirror),

@@ -21,14 +21,13 @@ import distributed
 from atomic import atomic_path, write_json
 from cases import DataError, case_format, case_id_of
 from checkpoint import CheckpointError, load_resumable
-from config import RESUME_SAFE_KEYS, Config, build_config, diff_keys, from_dict, split_args, to_dict
+from config import RESUME_SAFE_KEYS, Config, build_config, check, diff_keys, from_dict, split_args, to_dict
 from dataset import build_dataset
 from evaluate import evaluate_checkpoint, format_table
 from losses import DiceBCELoss
 from model import build_model
 from splits import list_cases, split_cases, validate_cases
 from train import TrainingStopped, fit, prepare_model, resolve_device
-from transforms import task_regions
 
 log = logging.getLogger("main")
 
@@ -180,17 +179,6 @@ def load_split(run_dir, paths):
     return split
 
 
-def check_task(cfg):
-    """The model must fit the task: one output per region, 2D exactly when the data are slices."""
-    regions = task_regions(cfg.data.task)
-    if cfg.model.out_channels != len(regions):
-        raise ValueError(f"model.out_channels ({cfg.model.out_channels}) must equal the {len(regions)} regions of "
-                         f"data.task {cfg.data.task} ({', '.join(regions)})")
-    if (cfg.model.dims == 2) != (cfg.data.mode == "slices"):
-        raise ValueError(f"model.dims {cfg.model.dims} does not fit data.mode {cfg.data.mode}: 2D models train "
-                         f"on data.mode slices, 3D models on resize or patch")
-
-
 def main(argv=None):
     pairs, rest = split_args(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -210,10 +198,7 @@ def main(argv=None):
             path, state = load_resumable(resume_from)
             cfg = resume_config(build_config(pairs, base=from_dict(state["config"])), state, path)
             resume = (path, state)
-        if cfg.model.in_channels != cfg.data.channels:
-            raise ValueError(f"model.in_channels ({cfg.model.in_channels}) must equal data.channels "
-                             f"({cfg.data.channels})")
-        check_task(cfg)
+        check(cfg, warn=distributed.is_main())
         distributed.init_from_env(cfg.train.device)
         run(cfg, resume)
     except (DataError, CheckpointError, KeyError, ValueError, FileExistsError, OutputError,

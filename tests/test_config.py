@@ -1,8 +1,9 @@
 import json
+import logging
 
 import pytest
 
-from config import Config, build_config, from_dict, parse_size, split_args, to_dict
+from config import Config, build_config, check, from_dict, parse_size, split_args, to_dict
 
 
 def test_overrides_are_typed_from_the_field():
@@ -54,3 +55,66 @@ def test_unknown_preset_is_an_error():
     with pytest.raises(KeyError, match="preset"):
         build_config({}, preset="nope")
 
+
+def test_defaults_and_the_preset_pass_the_check():
+    assert check(Config()) == Config()
+    check(build_config({}, preset="lgg2d"))
+
+
+# (overrides, words the error must say: the key to change and what it must fit)
+BAD_COMBINATIONS = {
+    "unknown mode": ({"data.mode": "tiles"}, "data.mode 'tiles': choose one of 'resize', 'patch', 'slices'"),
+    "unknown task": ({"data.task": "lesions"}, "data.task 'lesions': choose one of 'brats', 'binary'"),
+    "unknown split": ({"eval.split": "train"}, "eval.split 'train': choose one of"),
+    "channel order": ({"data.channel_last": "yes"}, "data.channel_last 'yes'"),
+    "2D model, 3D mode": ({"model.dims": "2"}, "model.dims 2 does not fit data.mode resize"),
+    "3D model, slices": ({"data.mode": "slices"}, "model.dims 3 does not fit data.mode slices"),
+    "outputs vs task": ({"data.task": "binary"}, "model.out_channels (3) must equal the 1 regions of data.task binary"),
+    "inputs vs channels": ({"data.channels": "3"}, "model.in_channels (4) must equal data.channels (3)"),
+    "2D patch": ({"data.mode": "patch", "data.patch_size": "64,64"}, "data.patch_size (64, 64): data.mode patch "
+                                                                     "trains a 3D model; give three sizes"),
+    "2D resize": ({"data.image_size": "48,48"}, "data.image_size (48, 48): data.mode resize trains a 3D model"),
+    "patch vs depth": ({"data.mode": "patch", "data.patch_size": "60"}, "data.patch_size (60, 60, 60): every axis "
+                                                                        "must be divisible by 2**model.depth = 8"),
+    "slice vs depth": ({"data.image_size": "256,250"}, "data.image_size (256, 250): every axis must be divisible by "
+                                                       "2**model.depth = 16"),
+    "no training cases": ({"data.val_fraction": "1"}, "data.val_fraction 1.0: must be at least 0 and below 1"),
+}
+
+
+@pytest.mark.parametrize("kind", list(BAD_COMBINATIONS))
+def test_check_names_the_key_to_change(kind):
+    overrides, words = BAD_COMBINATIONS[kind]
+    preset = "lgg2d" if kind == "slice vs depth" else None
+    with pytest.raises(ValueError) as err:
+        check(build_config(overrides, preset=preset))
+    assert words in str(err.value)
+
+
+def test_patch_mode_checks_the_patch_not_the_resize_target():
+    check(build_config({"data.mode": "patch", "data.patch_size": "32", "data.image_size": "30"}))
+
+
+def test_no_validation_cases_is_said_once_by_the_training_process(caplog):
+    cfg = build_config({"data.val_fraction": "0"})
+    with caplog.at_level(logging.WARNING):
+        check(cfg)
+        assert not caplog.records  # evaluation and the other ranks stay quiet
+        check(cfg, warn=True)
+    assert [r.getMessage() for r in caplog.records] == [
+        "data.val_fraction is 0: no validation cases, so best.pt follows the training loss"]
+
+
+def test_old_configs_with_every_key_still_load():
+    saved = to_dict(Config())
+    saved["eval"]["split"] = "val"
+    assert check(from_dict(saved)).eval.split == "val"
+
+
+def test_training_refuses_a_bad_combination_in_one_line_before_touching_data(tmp_path):
+    import main
+    with pytest.raises(SystemExit) as stop:
+        main.main(["--data.dir", str(tmp_path / "nowhere"), "--model.in_channels", "3",
+                   "--train.out_dir", str(tmp_path / "runs")])
+    assert stop.value.code == "error: model.in_channels (3) must equal data.channels (4)"
+    assert not (tmp_path / "runs").exists()

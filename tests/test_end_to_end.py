@@ -5,8 +5,11 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from config import build_config
 from conftest import ROOT
+from evaluate import evaluate_checkpoint
 from main import run
 
 TINY = {"data.image_size": "16", "model.base_channels": "4", "model.depth": "2", "train.epochs": "2",
@@ -30,6 +33,12 @@ def test_two_epoch_run_writes_every_output(tiny_dataset, tmp_path):
     summary = json.load(open(os.path.join(run_dir, "summary.json")))
     assert summary["split"] == "test" and summary["cases"] == len(split["test"])
     assert not [p for p in os.listdir(run_dir) if p.endswith(".tmp")]
+    # evaluate.py's split defaults to eval.split; a bad value is refused by config.check
+    best = os.path.join(run_dir, "best.pt")
+    val = evaluate_checkpoint(best, out_dir=str(tmp_path / "val"), overrides={"eval.split": "val"})
+    assert val["split"] == "val" and val["cases"] == len(split["val"])
+    with pytest.raises(ValueError, match="eval.split 'train'"):
+        evaluate_checkpoint(best, out_dir=str(tmp_path / "bad"), overrides={"eval.split": "train"})
 
 
 def test_evaluate_cli_scores_every_case(tiny_dataset, tmp_path):

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from config import build_config
+from config import build_config, check
 from conftest import ROOT
 from dataset import SliceDataset, build_dataset, pick_slice
 from evaluate import evaluate_checkpoint, format_table
 from inference import keep_largest_component, predict_slices
 from layout_fixtures import write_lgg_patient
-from main import check_task, run
+from main import run
 from metrics import pool_slice_scores, slice_scores
 from prepare_data import main as prepare_main
 from splits import list_cases
@@ -55,8 +55,7 @@ def lgg_config(data_dir, tmp_path, **extra):
 def lgg_run(lgg_h5, tmp_path_factory):
     """One epoch of the lgg2d preset (tiny shapes) on the fixture; main.run also scores the test split."""
     cfg = lgg_config(lgg_h5, tmp_path_factory.mktemp("run"), **{"train.name": "lgg"})
-    check_task(cfg)
-    return run(cfg)
+    return run(check(cfg))
 
 
 def test_conversion_keeps_patients_slices_and_binary_masks(lgg_h5):
@@ -172,10 +171,10 @@ def test_predict_slices_returns_native_size():
 def test_task_checks_name_the_fix(tmp_path):
     cfg = lgg_config("unused", tmp_path, **{"model.out_channels": "3"})
     with pytest.raises(ValueError, match="out_channels"):
-        check_task(cfg)
+        check(cfg)
     cfg = lgg_config("unused", tmp_path, **{"data.mode": "resize"})
     with pytest.raises(ValueError, match="slices"):
-        check_task(cfg)
+        check(cfg)
 
 
 @pytest.mark.skipif(not os.path.isdir(REAL_LGG), reason=f"real LGG sample not found at {REAL_LGG}")
