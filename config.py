@@ -285,9 +285,6 @@ def check(cfg, warn=False):
     if model.in_channels != data.channels:
         raise ValueError(f"model.in_channels ({model.in_channels}) must equal data.channels ({data.channels})")
     check_input_size(cfg)
-    for key in ("val_fraction", "test_fraction"):
-        if not 0 <= getattr(data, key) < 1:
-            raise ValueError(f"data.{key} {getattr(data, key)}: must be at least 0 and below 1")
     if warn and data.val_fraction == 0:
         log.warning("data.val_fraction is 0: no validation cases, so best.pt follows the training loss")
     return cfg
@@ -296,13 +293,10 @@ def check(cfg, warn=False):
 def check_input_size(cfg):
     """The size the model trains on (data.image_size, data.patch_size in patch mode, the last two axes
     of data.image_size in slices mode) has model.dims axes, each divisible by 2**model.depth."""
-    key = "data.patch_size" if cfg.data.mode == "patch" else "data.image_size"
-    size = tuple(getattr(cfg.data, key.split(".")[1]))
-    if cfg.model.dims == 2:
-        size = size[-2:]
-    elif len(size) != 3:
-        raise ValueError(f"{key} {size}: data.mode {cfg.data.mode} trains a 3D model; give three sizes (D,H,W)")
-    step = 2 ** cfg.model.depth
-    if any(s % step for s in size):
-        raise ValueError(f"{key} {size}: every axis must be divisible by 2**model.depth = {step}; "
+    key = "patch_size" if cfg.data.mode == "patch" else "image_size"
+    size, step = tuple(getattr(cfg.data, key)), 2 ** cfg.model.depth
+    if len(size) < cfg.model.dims:
+        raise ValueError(f"data.{key} {size}: data.mode {cfg.data.mode} trains a 3D model; give three sizes (D,H,W)")
+    if any(s % step for s in size[-cfg.model.dims:]):
+        raise ValueError(f"data.{key} {size}: every axis must be divisible by 2**model.depth = {step}; "
                          f"change the size or model.depth")

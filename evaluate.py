@@ -4,7 +4,7 @@
                        [--save-predictions] [--save-probabilities] [--no-overlays] [--predict]
 
 The model is rebuilt from the config stored in the checkpoint; data.* and eval.* keys can be
-overridden on the command line. Writes per_case.csv and summary.json (means, std and median over
+overridden on the command line. --split defaults to the config's eval.split (test unless changed). Writes per_case.csv and summary.json (means, std and median over
 cases of Dice, IoU, sensitivity, specificity and HD95 per region) to --out (default: the
 checkpoint's folder), prints a table, and draws an overlay PNG per case in --out/overlays.
 Binary tasks (data.task binary, e.g. Kaggle LGG) are scored per patient: each patient's slices

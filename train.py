@@ -27,8 +27,8 @@ import distributed
 from atomic import atomic_path, write_text
 from checkpoint import restore_rng_states, rng_states, save_checkpoint, save_last, unwrap
 from config import to_dict
-from loaders import loader_workers, make_loader
 from inference import autocast, model_predictor, sliding_window
+from loaders import loader_workers, make_loader
 from metrics import confusion, scores_from_counts
 from transforms import task_regions
 

@@ -78,7 +78,6 @@ BAD_COMBINATIONS = {
                                                                         "must be divisible by 2**model.depth = 8"),
     "slice vs depth": ({"data.image_size": "256,250"}, "data.image_size (256, 250): every axis must be divisible by "
                                                        "2**model.depth = 16"),
-    "no training cases": ({"data.val_fraction": "1"}, "data.val_fraction 1.0: must be at least 0 and below 1"),
 }
 
 

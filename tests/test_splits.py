@@ -15,8 +15,8 @@ def test_list_cases_returns_sorted_h5_files_only(tmp_path):
     assert list_cases(str(tmp_path)) == [str(tmp_path / "a.h5"), str(tmp_path / "b.h5")]
 
 
-@pytest.mark.parametrize("content, problem", [([], "no .h5 case files found (empty)"),
-                                              (["scan.nii.gz"], "no .h5 case files found (found e.g. ['scan.nii.gz'])")])
+@pytest.mark.parametrize("content, problem", [
+    ([], "no .h5 case files found (empty)"), (["scan.nii.gz"], "no .h5 case files found (found e.g. ['scan.nii.gz'])")])
 def test_list_cases_names_the_folder_and_what_it_holds(tmp_path, content, problem):
     for name in content:
         (tmp_path / name).write_bytes(b"")

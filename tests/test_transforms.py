@@ -5,8 +5,8 @@ import torch
 from config import DataConfig
 from cases import brain_stats
 from transforms import (augment, labels_to_regions, random_flip, random_gamma, random_intensity, random_noise,
-                        random_rot90, random_rotate, random_zoom, regions_to_labels, resize_image, resize_labels, zscore,
-                        zscore_brain)
+                        random_rot90, random_rotate, random_zoom, regions_to_labels, resize_image, resize_labels,
+                        zscore, zscore_brain)
 
 
 def labelled_volume(shape=(12, 16, 16), seed=0):
