@@ -36,9 +36,10 @@ from checkpoint import CheckpointError, load_checkpoint, load_weights
 from config import build_config, from_dict, split_args
 from dataset import case_format, list_cases
 from export import export_case
-from inference import keep_largest_component, predict_case, remove_small_enhancing
+from inference import predict_case
 from metrics import METRICS, pool_slice_scores, score_case, slice_scores, summarise
 from model import build_model
+from postprocess import keep_largest_component, remove_small_enhancing
 from train import autocast_dtype, resolve_device
 from transforms import labels_to_regions, task_regions
 

@@ -12,10 +12,11 @@ from config import build_config
 from conftest import ROOT
 from dataset import SliceDataset, build_datasets, list_cases, pick_slice
 from evaluate import evaluate_checkpoint, format_table
-from inference import keep_largest_component, predict_slices
+from inference import predict_slices
 from layout_fixtures import write_lgg_patient
 from main import check_task, run
 from metrics import pool_slice_scores, slice_scores
+from postprocess import keep_largest_component
 from prepare_data import main as prepare_main
 
 REAL_LGG = os.path.join(ROOT, "..", "shared", "data", "lgg-sample", "kaggle_3m")
