@@ -57,6 +57,14 @@ def matched_components(lesion, pred_components, box, iterations=DILATION_ITERATI
     return hits[hits > 0]
 
 
+def lesion_dice_hd95(found, lesion, spacing):
+    """Dice and HD95 of one truth lesion against the predicted components it matched (`found`)."""
+    if not found.any():
+        return 0.0, MAX_HD95
+    dice = 2 * np.count_nonzero(found & lesion) / (np.count_nonzero(found) + np.count_nonzero(lesion))
+    return dice, hd95(found, lesion, spacing)
+
+
 def _check(pred, truth, region):
     pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
     name = f"region {region}" if region else "lesion scores"
@@ -85,14 +93,10 @@ def lesion_scores(pred, truth, spacing=None, region=None, min_volume=MIN_LESION_
         matched_any.update(int(h) for h in hits)
         if lesion.sum() * voxel_mm3 <= min_volume:
             continue
-        if hits.size == 0:
-            dice.append(0.0)
-            dist.append(MAX_HD95)
-            continue
-        found = np.isin(pred_components, hits)
-        dice.append(2 * np.count_nonzero(found & lesion) / (np.count_nonzero(found) + np.count_nonzero(lesion)))
-        dist.append(hd95(found, lesion, spacing))
-        matched += 1
+        lesion_dice, lesion_hd95 = lesion_dice_hd95(np.isin(pred_components, hits), lesion, spacing)
+        dice.append(lesion_dice)
+        dist.append(lesion_hd95)
+        matched += int(hits.size > 0)
     false_positives = n_pred - len(matched_any)
     count = len(dice) + false_positives
     return {"lesion_dice": float(sum(dice) / count) if count else 1.0,

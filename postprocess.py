@@ -80,7 +80,8 @@ def keep_largest_component(regions):
 def remove_small_enhancing(regions, min_voxels):
     """Postprocessing (nnU-Net's for BraTS): a predicted ET smaller than `min_voxels` voxels is
     relabelled necrosis, i.e. cleared from the ET channel and added to TC (not to WT, so on channels
-    that are not nested use label_map_regions). `regions` is a boolean (3, *spatial) WT/TC/ET array or tensor; returns a new one."""
+    that are not nested use label_map_regions). `regions` is a boolean (3, *spatial) WT/TC/ET array
+    or tensor; returns a new one."""
     regions = regions.copy() if hasattr(regions, "copy") else regions.clone()
     if min_voxels > 0 and 0 < int(regions[2].sum()) < min_voxels:
         regions[1] |= regions[2]
