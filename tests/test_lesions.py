@@ -4,7 +4,7 @@ import os
 import numpy as np
 import pytest
 
-from lesions import MAX_HD95, case_lesion_scores, lesion_scores
+from lesions import LESION_KEYS, MAX_HD95, case_lesion_scores, lesion_scores
 from metrics import hd95, score_case
 from real_brats import SKIP_REASON, sample_cases, source_seg_path
 from transforms import labels_to_regions
@@ -122,6 +122,7 @@ def test_case_scores_each_region_and_bad_shapes_are_refused():
     empty = np.zeros(SHAPE, bool)
     scores = case_lesion_scores(np.stack([pred, empty]), np.stack([truth, empty]), ["WT", "ET"], (1, 1, 1))
     assert scores["WT"]["lesion_dice"] == pytest.approx(0.45) and scores["ET"]["lesion_dice"] == 1.0
+    assert tuple(scores["WT"]) == LESION_KEYS           # the columns the reports will carry
     with pytest.raises(ValueError, match="region WT"):
         lesion_scores(pred[:-1], truth, region="WT")
 
