@@ -35,9 +35,10 @@ from cases import DataError, case_format, case_id_of, read_case, uncrop
 from checkpoint import CheckpointError, load_checkpoint, load_weights
 from config import build_config, check, from_dict, split_args
 from export import export_case
-from inference import keep_largest_component, predict_case, remove_small_enhancing
+from inference import predict_case
 from metrics import METRICS, pool_slice_scores, score_case, slice_scores, summarise
 from model import build_model
+from postprocess import keep_largest_component, remove_small_enhancing
 from splits import list_cases
 from train import autocast_dtype, resolve_device
 from transforms import labels_to_regions, task_regions

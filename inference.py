@@ -9,9 +9,7 @@ slices mode predicts each axial slice with a 2D model, eval.batch_size slices at
 import itertools
 import math
 
-import numpy as np
 import torch
-from scipy import ndimage
 
 from transforms import resize_image, zscore_brain
 
@@ -159,26 +157,3 @@ def predict_slices(predictor, image, size, batch_size=16, mirror=False, device=N
     if native != tuple(size):
         probs = torch.nn.functional.interpolate(probs, size=native, mode="bilinear", align_corners=False)
     return probs.transpose(0, 1).clamp_(0, 1).contiguous()
-
-
-def keep_largest_component(regions):
-    """Postprocessing (mateuszbuda's LGG reference): in each region channel of a boolean
-    (R, *spatial) array keep only the largest face-connected component; returns a new array."""
-    regions = np.array(regions, dtype=bool)
-    for channel in regions:
-        components, count = ndimage.label(channel)
-        if count > 1:
-            sizes = np.bincount(components.ravel())[1:]
-            channel[...] = components == 1 + int(sizes.argmax())
-    return regions
-
-
-def remove_small_enhancing(regions, min_voxels):
-    """Postprocessing (nnU-Net's for BraTS): a predicted ET smaller than `min_voxels` voxels is
-    relabelled necrosis, i.e. cleared from the ET channel and kept in TC and WT.
-    `regions` is a boolean (3, *spatial) WT/TC/ET array or tensor; returns a new one."""
-    regions = regions.copy() if hasattr(regions, "copy") else regions.clone()
-    if min_voxels > 0 and 0 < int(regions[2].sum()) < min_voxels:
-        regions[1] |= regions[2]
-        regions[2] = False
-    return regions

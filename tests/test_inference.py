@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from config import Config
-from inference import gaussian_weights, predict_case, remove_small_enhancing, sliding_window, window_starts
+from inference import gaussian_weights, predict_case, sliding_window, window_starts
 from model import UNet
+from postprocess import remove_small_enhancing
 
 
 

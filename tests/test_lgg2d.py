@@ -12,10 +12,11 @@ from config import build_config, check
 from conftest import ROOT
 from dataset import SliceDataset, build_dataset, pick_slice
 from evaluate import evaluate_checkpoint, format_table
-from inference import keep_largest_component, predict_slices
+from inference import predict_slices
 from layout_fixtures import write_lgg_patient
 from main import run
 from metrics import pool_slice_scores, slice_scores
+from postprocess import keep_largest_component
 from prepare_data import main as prepare_main
 from splits import list_cases
 

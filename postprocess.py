@@ -1,0 +1,89 @@
+"""From thresholded region channels to what is exported and scored: one label map.
+
+The sigmoid channels are thresholded separately, so a predicted ET may lie outside TC and TC
+outside WT. The exported file is the label map (WT -> 2, TC -> 1, ET -> 4, the more specific
+region winning), and BraTS scores that file, so evaluation must score the regions of the label map,
+not the raw channels: `label_map_regions` builds the map, postprocesses it in label space and
+returns its regions, nested ET within TC within WT. A binary task (one channel) is a 0/1 map.
+`remove_small_enhancing` and `keep_largest_component` are the older channel-space versions.
+"""
+import numpy as np
+from scipy import ndimage
+
+from transforms import labels_to_regions, regions_to_labels, task_regions
+
+NECROSIS, ENHANCING = 1, 4   # labels of the project's label maps (REGIONS); export may write ET as 3
+
+
+def to_label_map(pred_regions, task, enhancing_label=ENHANCING):
+    """Boolean (R, *spatial) region channels -> uint8 label map (*spatial): for brats WT -> 2,
+    TC -> 1, ET -> enhancing_label in that order (ET wins, as regions_to_labels does); binary -> 0/1."""
+    regions = np.asarray(pred_regions, bool)
+    expected = len(task_regions(task))
+    if regions.ndim < 2 or len(regions) != expected:
+        raise ValueError(f"data.task {task!r}: prediction of shape {regions.shape} should have "
+                         f"{expected} region channels first")
+    if task == "binary":
+        return regions[0].astype(np.uint8)
+    return regions_to_labels(regions, enhancing_label).numpy().astype(np.uint8)
+
+
+def relabel_small_enhancing(labels, min_voxels, enhancing_label=ENHANCING):
+    """nnU-Net's BraTS rule in label space: an enhancing tumour smaller than `min_voxels` voxels
+    becomes necrosis (so it stays in TC and WT); returns a new map."""
+    labels = np.array(labels)
+    enhancing = labels == enhancing_label
+    if min_voxels > 0 and 0 < np.count_nonzero(enhancing) < min_voxels:
+        labels[enhancing] = NECROSIS
+    return labels
+
+
+def keep_largest_tumour(labels):
+    """Only the largest face-connected component of the whole tumour (labels > 0), with its labels
+    (mateuszbuda's LGG rule; for one region the same as keep_largest_component); a new map."""
+    components, count = ndimage.label(np.asarray(labels) > 0)
+    if count <= 1:
+        return np.array(labels)
+    largest = 1 + int(np.bincount(components.ravel())[1:].argmax())
+    return np.where(components == largest, labels, 0).astype(np.asarray(labels).dtype)
+
+
+def postprocess_labels(labels, task, eval_cfg):
+    """The configured postprocessing (eval.postprocess_et_min, eval.largest_component) of a label
+    map with the project's labels (ET = 4)."""
+    if task == "brats":
+        labels = relabel_small_enhancing(labels, eval_cfg.postprocess_et_min)
+    if eval_cfg.largest_component:
+        labels = keep_largest_tumour(labels)
+    return labels
+
+
+def label_map_regions(pred_regions, task, eval_cfg):
+    """Boolean (R, *spatial) regions of the postprocessed label map of thresholded `pred_regions`:
+    the regions of the exported file (nested for brats), to be scored and exported."""
+    labels = postprocess_labels(to_label_map(pred_regions, task), task, eval_cfg)
+    return labels_to_regions(labels, task_regions(task)).numpy() > 0.5
+
+
+def keep_largest_component(regions):
+    """Postprocessing (mateuszbuda's LGG reference): in each region channel of a boolean
+    (R, *spatial) array keep only the largest face-connected component; returns a new array."""
+    regions = np.array(regions, dtype=bool)
+    for channel in regions:
+        components, count = ndimage.label(channel)
+        if count > 1:
+            sizes = np.bincount(components.ravel())[1:]
+            channel[...] = components == 1 + int(sizes.argmax())
+    return regions
+
+
+def remove_small_enhancing(regions, min_voxels):
+    """Postprocessing (nnU-Net's for BraTS): a predicted ET smaller than `min_voxels` voxels is
+    relabelled necrosis, i.e. cleared from the ET channel and added to TC (not to WT, so on channels
+    that are not nested use label_map_regions). `regions` is a boolean (3, *spatial) WT/TC/ET array
+    or tensor; returns a new one."""
+    regions = regions.copy() if hasattr(regions, "copy") else regions.clone()
+    if min_voxels > 0 and 0 < int(regions[2].sum()) < min_voxels:
+        regions[1] |= regions[2]
+        regions[2] = False
+    return regions

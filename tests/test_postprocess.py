@@ -1,0 +1,83 @@
+"""Scored regions are those of the exported label map: nested, postprocessed in label space."""
+import numpy as np
+import pytest
+
+from config import Config
+from export import label_map
+from postprocess import keep_largest_component, label_map_regions, remove_small_enhancing, to_label_map
+from transforms import labels_to_regions
+
+SHAPE = (7, 9, 11)
+REGIONS_2023 = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
+
+
+def eval_cfg(et_min=0, largest=False):
+    cfg = Config().eval
+    cfg.postprocess_et_min, cfg.largest_component = et_min, largest
+    return cfg
+
+
+def channels():
+    """WT a slab, TC a smaller slab inside it, and 3 ET voxels outside both."""
+    regions = np.zeros((3, *SHAPE), bool)
+    regions[0, 1:5, 1:6, 1:6] = True
+    regions[1, 2:4, 2:4, 2:4] = True
+    regions[2, 6, 8, 8:11] = True
+    return regions
+
+
+def test_enhancing_outside_whole_tumour_becomes_nested():
+    pred = channels()
+    out = label_map_regions(pred, "brats", eval_cfg())
+    wt, tc, et = out
+    assert (et == pred[2]).all()                               # ET wins, as in the label map
+    assert (tc == (pred[1] | pred[2])).all() and (wt == (pred[0] | pred[2])).all()
+    assert not (et & ~tc).any() and not (tc & ~wt).any()
+
+
+def test_removed_small_enhancing_lands_in_core_and_whole_tumour():
+    pred = channels()
+    out = label_map_regions(pred, "brats", eval_cfg(et_min=4))     # 3 ET voxels < 4: necrosis
+    assert not out[2].any()
+    assert out[1][6, 8, 8:11].all() and out[0][6, 8, 8:11].all()
+    assert out[0].sum() == pred[0].sum() + 3 and out[1].sum() == pred[1].sum() + 3
+    old = remove_small_enhancing(pred, 4)                          # the channel-space rule misses WT
+    assert old[1][6, 8, 8:11].all() and not old[0][6, 8, 8:11].any()
+    kept = label_map_regions(pred, "brats", eval_cfg(et_min=3))    # 3 voxels are not below 3: kept
+    assert kept[2].sum() == 3
+
+
+def test_largest_component_keeps_one_tumour_with_all_its_labels():
+    pred = channels()                                  # the slab (100 voxels) and the 3 ET voxels
+    out = label_map_regions(pred, "brats", eval_cfg(largest=True))
+    assert (out[0] == pred[0]).all() and (out[1] == pred[1]).all() and not out[2].any()
+
+
+@pytest.mark.parametrize("largest", [False, True])
+def test_binary_task_is_unchanged(largest):
+    rng = np.random.default_rng(3)
+    pred = rng.random((1, *SHAPE)) < 0.3
+    out = label_map_regions(pred, "binary", eval_cfg(et_min=5, largest=largest))
+    assert out.shape == pred.shape and out.dtype == bool
+    assert (out == (keep_largest_component(pred) if largest else pred)).all()
+    assert (to_label_map(pred, "binary") == pred[0]).all()
+
+
+@pytest.mark.parametrize("seed, et_min, largest", [(0, 0, False), (1, 40, False), (2, 0, True), (3, 500, True)])
+def test_round_trip_through_the_exported_label_map(seed, et_min, largest):
+    rng = np.random.default_rng(seed)
+    pred = rng.random((3, *SHAPE)) < [[[[0.5]]], [[[0.3]]], [[[0.1]]]]    # unnested noise
+    regions = label_map_regions(pred, "brats", eval_cfg(et_min, largest))
+    exported = label_map(regions, 4)                                      # what export writes
+    assert (to_label_map(regions, "brats") == exported).all()
+    assert (regions == (labels_to_regions(exported).numpy() > 0.5)).all()
+    exported_2023 = to_label_map(regions, "brats", enhancing_label=3)
+    assert (exported_2023 == label_map(regions, 3)).all()
+    assert (regions == (labels_to_regions(exported_2023, REGIONS_2023).numpy() > 0.5)).all()
+
+
+def test_wrong_channel_count_is_refused():
+    with pytest.raises(ValueError, match="3 region channels"):
+        to_label_map(np.zeros((2, *SHAPE), bool), "brats")
+    with pytest.raises(ValueError, match="data.task 'lgg'"):
+        to_label_map(np.zeros((1, *SHAPE), bool), "lgg")
