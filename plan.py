@@ -69,8 +69,8 @@ def case_fingerprint(case, regions):
     """Shape, spacing, per-channel brain intensity stats and region voxel counts of one Case."""
     brain = np.any(case.image != 0, axis=0)
     intensity = []
-    for channel in case.image:
-        values = channel[brain].astype(np.float64)
+    for channel in case.image:  # over each channel's own non-zero voxels, as zscore_brain normalises
+        values = channel[channel != 0].astype(np.float64)
         if values.size == 0:
             values = np.zeros(1)
         intensity.append({"mean": values.mean(), "std": values.std(),
@@ -87,7 +87,7 @@ def _median(values):
 def fingerprint(paths, fmt, task="brats"):
     """What the training cases look like, as a plain dict (deterministic for the same files):
     n_cases, median shape (brain-cropped, as stored) and spacing (mm, D/H/W), per-channel intensity
-    stats over brain voxels (medians over cases), median tumour voxels and share of the brain per
+    stats over its non-zero voxels (medians over cases), median tumour voxels and share of the brain per
     region, how many cases lack each region, and the smallest region by median share."""
     if not paths:
         raise ValueError("fingerprint: no training cases")
@@ -168,7 +168,8 @@ def measure_speed(model_cfg, device, sizes=SPEED_SIZES, batch_size=BATCH_SIZE, w
                            "step_seconds": step_s, "forward_seconds": forward_s})
             log.debug("speed: width %d, %s x %d: %.3f s/step, %.3f s/forward", width, size, batch_size,
                       step_s, forward_s)
-    return {"device": str(device), "batch_size": batch_size, "depth": model_cfg.depth, "points": points}
+    return {"device": str(device), "precision": str(amp_dtype or torch.float32).replace("torch.", ""),
+            "batch_size": batch_size, "depth": model_cfg.depth, "points": points}
 
 
 def fit_line(voxels, seconds):
@@ -327,7 +328,15 @@ def _vox(size):
     return "x".join(str(int(s)) for s in size)
 
 
-def explain(c, weighed, fp, widths, budget_minutes, steps, val_every):
+def mode_reason(c, explicit):
+    if "data.mode" not in explicit and ("data.patch_size" in explicit or "data.image_size" in explicit):
+        return f"implied by the explicit data.{'image' if c['mode'] == 'resize' else 'patch'}_size"
+    whole = math.prod(c["size"]) if c["mode"] == "resize" else math.prod(c["shape"])
+    return (f"whole median case at {_mm(c['spacing'])} is {_vox(c['shape'])}, {whole / 1e6:.2f} M voxels "
+            f"{'<=' if c['mode'] == 'resize' else '>'} cap {VOXEL_CAP / 1e6:.2f} M")
+
+
+def explain(c, weighed, fp, widths, budget_minutes, steps, val_every, explicit, speed):
     """A short reason for each planned key."""
     index = next((i for i, w in enumerate(weighed) if w["spacing"] == c["spacing"]), 0)
     finer = weighed[:index]
@@ -335,12 +344,9 @@ def explain(c, weighed, fp, widths, budget_minutes, steps, val_every):
     spacing_why = (f"finest spacing where {budget_minutes:g} min buys >= {MIN_STEPS} steps ({c['steps']}"
                    + (f"; {finer[-1]['steps']} at {_mm(finer[-1]['spacing'])})" if finer else ")")
                    if enough else f"no spacing buys {MIN_STEPS} steps in {budget_minutes:g} min; the coarsest")
-    whole = math.prod(c["size"]) if c["mode"] == "resize" else math.prod(c["shape"])
     size_key = "data.image_size" if c["mode"] == "resize" else "data.patch_size"
     return {
-        "data.mode": (f"whole median case at {_mm(c['spacing'])} is {_vox(c['shape'])}, "
-                      f"{whole / 1e6:.2f} M voxels {'<=' if c['mode'] == 'resize' else '>'} cap "
-                      f"{VOXEL_CAP / 1e6:.2f} M"),
+        "data.mode": mode_reason(c, explicit),
         "data.spacing": spacing_why,
         size_key: (f"median brain-cropped case {_vox(fp['median_shape'])} at {_mm(fp['median_spacing'])} -> "
                    f"{_vox(c['shape'])}; " + ("rounded to multiples of 2**depth" if c["mode"] == "resize"
@@ -350,7 +356,8 @@ def explain(c, weighed, fp, widths, budget_minutes, steps, val_every):
         "model.base_channels": ("the width the speed table timed" if len(widths) == 1 else
                                 f"widest timed width of {widths} that still gets >= {MIN_STEPS} steps" if enough
                                 else f"narrowest timed width of {widths}: none gets {MIN_STEPS} steps"),
-        "model.depth": f"downsample while the bottleneck keeps >= {MIN_BOTTLENECK} voxels a side (at most {MAX_DEPTH})",
+        "model.depth": (f"downsample while the bottleneck keeps >= {MIN_BOTTLENECK} voxels a side (at most "
+                        f"{MAX_DEPTH}; speed timed at depth {speed.get('depth', '?')})"),
         "train.schedule": "poly over the planned steps, so the learning rate ends when the budget does",
         "train.warmup_steps": f"linear warm-up over {WARMUP_SHARE:.0%} of the steps",
         "train.max_steps": (f"{budget_minutes:g} min less {c['validations']} validation(s), at "
@@ -391,7 +398,8 @@ def plan_recipe(fp, budget_minutes, speed, explicit=None, val_cases=None):
               "model.depth": chosen["depth"], "train.schedule": "poly",
               "train.warmup_steps": max(1, round(WARMUP_SHARE * steps)), "train.max_steps": steps,
               "train.val_every": val_every}
-    why = explain(chosen, weighed, fp, measured_widths(fits, explicit), budget_minutes, steps, val_every)
+    why = explain(chosen, weighed, fp, measured_widths(fits, explicit), budget_minutes, steps, val_every, explicit,
+                  speed)
     for key in values:
         if key in explicit:
             values[key], why[key] = explicit[key], "set explicitly"

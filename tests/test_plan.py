@@ -188,7 +188,7 @@ def test_fingerprint_of_three_tiny_cases(tmp_path):
     assert fp["median_region_voxels"] == {r: float(np.median([c[i] for c in counts])) for i, r in enumerate(REGIONS)}
     brains = [np.any(c.image != 0, axis=0) for c in cases]
     assert fp["median_brain_voxels"] == float(np.median([b.sum() for b in brains]))
-    flair_means = [c.image[0][b].mean() for c, b in zip(cases, brains)]
+    flair_means = [c.image[0][c.image[0] != 0].mean() for c in cases]
     assert fp["intensity"][0]["mean"] == pytest.approx(float(np.median(flair_means)))
     assert len(fp["intensity"]) == 4 and fp["intensity"][2]["p99_5"] > fp["intensity"][2]["p00_5"]
     assert fp["smallest_region"]["name"] == "ET"
@@ -214,3 +214,11 @@ def test_measure_speed_gives_a_table_the_planner_reads():
     fp = {"n_cases": 3, "median_shape": [20.0, 24.0, 22.0], "median_spacing": [1.0, 1.0, 1.0]}
     values = plan.plan_recipe(fp, 1, speed)["values"]
     assert values["model.base_channels"] == 4 and values["train.max_steps"] >= 0
+
+
+def test_every_planned_key_says_why():
+    for explicit in EXPLICITS:
+        p = plan.plan_recipe(FINGERPRINTS["brats 1 mm"], 25, SPEEDS["cpu"], explicit)
+        assert set(p["why"]) >= set(p["values"]) and all(p["why"][key] for key in p["values"])
+    implied = plan.plan_recipe(FINGERPRINTS["brats 1 mm"], 25, SPEEDS["cpu"], {"data.patch_size": 64})
+    assert implied["why"]["data.mode"] == "implied by the explicit data.patch_size"
