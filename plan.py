@@ -86,9 +86,9 @@ def _median(values):
 
 def fingerprint(paths, fmt, task="brats"):
     """What the training cases look like, as a plain dict (deterministic for the same files):
-    n_cases, median shape (brain-cropped, as stored) and spacing (mm, D/H/W), per-channel intensity
-    stats over its non-zero voxels (medians over cases), median tumour voxels and share of the brain per
-    region, how many cases lack each region, and the smallest region by median share."""
+    n_cases, median shape (brain-cropped, as stored) and spacing (mm, D/H/W), intensity stats of each
+    channel over its non-zero voxels (medians over cases), median tumour voxels and share of the brain
+    per region, how many cases lack each region, and the smallest region by median share."""
     if not paths:
         raise ValueError("fingerprint: no training cases")
     regions = task_regions(task)
