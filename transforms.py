@@ -68,6 +68,29 @@ def resize_labels(mask, size):
     return F.interpolate(mask[None, None].float(), size=tuple(size), mode="nearest-exact")[0, 0].to(mask.dtype)
 
 
+def resampled_shape(shape, spacing, target):
+    """The shape a grid of `shape` voxels at `spacing` mm takes at `target` mm (same field of view)."""
+    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target))
+
+
+def resample_image(image, spacing, target):
+    """Trilinear resampling of a channel-first image (C, D, H, W) from `spacing` to `target` mm."""
+    image = torch.as_tensor(image)
+    return resize_image(image, resampled_shape(image.shape[1:], spacing, target))
+
+
+def resample_labels(mask, spacing, target):
+    """Nearest-neighbour resampling of a label map (D, H, W) from `spacing` to `target` mm."""
+    mask = torch.as_tensor(np.asarray(mask))
+    return resize_labels(mask, resampled_shape(mask.shape, spacing, target))
+
+
+def resample_back(probs, native_shape):
+    """Probabilities (R, *spatial) predicted on a resampled grid, back on the case's native grid
+    (trilinear, before thresholding, so region borders fall between native voxels as they should)."""
+    return resize_image(torch.as_tensor(probs), tuple(native_shape)).clamp_(0, 1)
+
+
 def random_flip(image, mask, gen, prob):
     for axis in range(mask.dim()):
         if torch.rand((), generator=gen) < prob:

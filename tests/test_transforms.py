@@ -139,3 +139,40 @@ def test_full_augmentation_with_intensity_is_reproducible():
     first = augment(image, mask, torch.Generator().manual_seed(5), cfg)
     second = augment(image, mask, torch.Generator().manual_seed(5), cfg)
     assert torch.equal(first[0], second[0]) and torch.equal(first[1], second[1])
+
+
+def test_resampled_shape_keeps_the_field_of_view():
+    from transforms import resampled_shape
+    assert resampled_shape((140, 172, 140), (1.0, 1.0, 1.0), (1.75, 1.75, 1.75)) == (80, 98, 80)
+    assert resampled_shape((40, 200, 190), (3.0, 0.8, 0.8), (3.0, 1.6, 1.6)) == (40, 100, 95)
+    assert resampled_shape((3, 3, 3), (1.0, 1.0, 1.0), (10.0, 10.0, 10.0)) == (1, 1, 1)
+
+
+def test_resample_image_is_trilinear_channel_first_and_identity_at_the_same_spacing():
+    from transforms import resample_image
+    image = torch.rand(2, 9, 12, 10)
+    assert torch.allclose(resample_image(image, (1.0, 1.0, 1.0), (1.0, 1.0, 1.0)), image, atol=1e-6)
+    coarse = resample_image(image.numpy(), (1.0, 1.0, 1.0), (1.5, 2.0, 1.0))
+    assert coarse.shape == (2, 6, 6, 10) and coarse.dtype == torch.float32
+    ramp = torch.arange(8.0).view(1, 8, 1, 1).expand(1, 8, 4, 4)
+    assert torch.allclose(resample_image(ramp, (1.0, 1.0, 1.0), (2.0, 1.0, 1.0))[0, :, 0, 0],
+                          torch.tensor([0.5, 2.5, 4.5, 6.5]))  # means of voxel pairs: linear, not nearest
+
+
+def test_resample_labels_is_nearest_and_a_2x_round_trip_is_exact():
+    from transforms import resample_labels
+    _, mask = labelled_volume(shape=(8, 10, 12))
+    fine = resample_labels(mask, (1.0, 1.0, 1.0), (0.5, 0.5, 0.5))
+    assert fine.shape == (16, 20, 24) and fine.dtype == mask.dtype
+    assert set(fine.unique().tolist()) == set(mask.unique().tolist())
+    assert torch.equal(resample_labels(fine, (0.5, 0.5, 0.5), (1.0, 1.0, 1.0)), mask)
+    coarse = resample_labels(mask.numpy(), (1.0, 1.0, 1.0), (1.75, 1.75, 1.75))
+    assert coarse.shape == (5, 6, 7) and set(coarse.unique().tolist()) <= set(mask.unique().tolist())
+
+
+def test_resample_back_returns_probabilities_on_the_native_grid():
+    from transforms import resample_back
+    probs = torch.rand(3, 5, 6, 5)
+    native = resample_back(probs, (9, 11, 10))
+    assert native.shape == (3, 9, 11, 10) and native.min() >= 0 and native.max() <= 1
+    assert torch.allclose(resample_back(torch.full((3, 4, 4, 4), 0.3), (7, 9, 8)), torch.full((3, 7, 9, 8), 0.3))

@@ -1,0 +1,436 @@
+"""Plan the training recipe from the data and the time budget (issue 12).
+
+Three layers, each usable and testable alone:
+  fingerprint(paths, fmt)                    what the training cases look like: a plain dict
+  measure_speed(model_cfg, device)           seconds per training step at a few sizes: the speed table
+  plan_recipe(fp, budget_minutes, speed, explicit)
+                                             a pure function of those: config values to train with,
+                                             each with the reason it was chosen
+
+The rule, in order. Candidate spacings run from the data's native spacing to twice it. At each,
+the sample is the whole brain-cropped median case resampled there ("resize") when it fits
+VOXEL_CAP, else a patch of about VOXEL_CAP voxels with the case's aspect ratio ("patch"). The
+planned spacing is the finest at which the budget still buys MIN_STEPS optimizer steps after
+validation takes its share, or the coarsest when none does. The steps a candidate buys never fall
+as the budget grows, so a smaller budget never gives a finer spacing. Then the widest measured
+network width that still gets MIN_STEPS there. The learning rate follows a poly schedule over the
+planned steps with a short warm-up, so it reaches its end when the budget ends.
+A key given explicitly is taken as given and the rest is planned around it.
+"""
+import dataclasses
+import logging
+import math
+import os
+import time
+
+import numpy as np
+import torch
+
+from atomic import write_json
+from cases import read_case
+from config import ModelConfig
+from losses import DiceBCELoss
+from model import build_model
+from transforms import labels_to_regions, resampled_shape, task_regions
+
+log = logging.getLogger(__name__)
+
+# The issue's data point: at 25 CPU-minutes the whole brain at ~1.75 mm (80x96x80, batch 2) ran
+# ~1200 optimizer steps (202 epochs x 6 steps) and beat 1 mm 64^3 patches by 0.05-0.08 Dice; the
+# finer grid bought more voxels per step but not enough steps. 1000 steps is the least the planned
+# recipe may train for, a little under that winning run, so 25 CPU-minutes lands on it.
+MIN_STEPS = 1000
+# Candidate spacings as multiples of the data's finest native spacing (1 mm data: 1 to 2 mm; the
+# MONAI BraTS recipe trains at 2 mm). No axis is ever resampled finer than its native spacing.
+SPACING_FACTORS = (1.0, 1.25, 1.5, 1.75, 2.0)
+# Largest sample (voxels per case in a batch): nnU-Net's BraTS patch at 1 mm is 128^3. A whole
+# resampled brain within it is served whole (resize mode); a larger one is cut into patches of it.
+VOXEL_CAP = 128 ** 3
+# Downsample until the smallest axis of the bottleneck is 4 voxels (as nnU-Net), at most 5 times.
+MIN_BOTTLENECK = 4
+MAX_DEPTH = 5
+# Batch of 2 as nnU-Net in 3D: under a time budget a larger batch buys fewer steps, and instance
+# norm needs no batch statistics.
+BATCH_SIZE = 2
+VAL_SHARE = 0.10          # validation may take at most this share of the budget
+# ...and happens at most this often: enough points for a curve and the best checkpoint; the
+# estimate counts forwards only (not reading, resampling back, scoring), so more would cost more.
+MAX_VALIDATIONS = 20
+VAL_OVERLAP = 0.5         # patch mode: sliding-window overlap of validation (eval.overlap's default)
+VAL_SW_BATCH = 2          # patch mode: windows per forward in validation (eval.sw_batch_size's default)
+VAL_FRACTION = 0.15       # validation cases as a share of the cases when not given (data.val_fraction's default)
+WARMUP_SHARE = 0.03       # linear warm-up over this share of the planned steps
+SPEED_SIZES = ((32, 32, 32), (48, 48, 48), (64, 64, 64))  # sample sizes measure_speed times by default
+
+
+# ------------------------------------------------------------------------------------ fingerprint
+
+def case_fingerprint(case, regions):
+    """Shape, spacing, per-channel brain intensity stats and region voxel counts of one Case."""
+    brain = np.any(case.image != 0, axis=0)
+    intensity = []
+    for channel in case.image:  # over each channel's own non-zero voxels, as zscore_brain normalises
+        values = channel[channel != 0].astype(np.float64)
+        if values.size == 0:
+            values = np.zeros(1)
+        intensity.append({"mean": values.mean(), "std": values.std(),
+                          "p00_5": np.percentile(values, 0.5), "p99_5": np.percentile(values, 99.5)})
+    voxels = labels_to_regions(case.mask, regions).sum(dim=tuple(range(1, case.mask.ndim + 1))).tolist()
+    return {"shape": list(case.image.shape[1:]), "spacing": list(case.spacing), "brain_voxels": int(brain.sum()),
+            "intensity": intensity, "region_voxels": dict(zip(regions, voxels))}
+
+
+def _median(values):
+    return float(np.median(np.asarray(values, dtype=np.float64)))
+
+
+def fingerprint(paths, fmt, task="brats"):
+    """What the training cases look like, as a plain dict (deterministic for the same files):
+    n_cases, median shape (brain-cropped, as stored) and spacing (mm, D/H/W), intensity stats of each
+    channel over its non-zero voxels (medians over cases), median tumour voxels and share of the brain
+    per region, how many cases lack each region, and the smallest region by median share."""
+    if not paths:
+        raise ValueError("fingerprint: no training cases")
+    regions = task_regions(task)
+    per_case = [case_fingerprint(read_case(path, fmt), regions) for path in sorted(paths)]
+    shares = {r: [c["region_voxels"][r] / max(c["brain_voxels"], 1) for c in per_case] for r in regions}
+    median_share = {r: _median(v) for r, v in shares.items()}
+    smallest = min(regions, key=lambda r: (median_share[r], list(regions).index(r)))
+    channels = len(per_case[0]["intensity"])
+    return {
+        "n_cases": len(per_case),
+        "median_shape": [_median([c["shape"][a] for c in per_case]) for a in range(3)],
+        "median_spacing": [_median([c["spacing"][a] for c in per_case]) for a in range(3)],
+        "median_brain_voxels": _median([c["brain_voxels"] for c in per_case]),
+        "intensity": [{stat: _median([c["intensity"][ch][stat] for c in per_case])
+                       for stat in ("mean", "std", "p00_5", "p99_5")} for ch in range(channels)],
+        "median_region_voxels": {r: _median([c["region_voxels"][r] for c in per_case]) for r in regions},
+        "median_region_share": median_share,
+        "cases_without_region": {r: sum(c["region_voxels"][r] == 0 for c in per_case) for r in regions},
+        "smallest_region": {"name": smallest, "share": median_share[smallest]},
+    }
+
+
+# ------------------------------------------------------------------------------------ speed table
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, device, repeats):
+    fn()  # warm-up: allocator, kernels, autotuning
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def measure_speed(model_cfg, device, sizes=SPEED_SIZES, batch_size=BATCH_SIZE, widths=None, repeats=2,
+                  amp_dtype=None, prepare=None, seed=0):
+    """Time real training steps (forward, Dice+BCE loss, backward, Adam step) and no-grad forwards
+    at each sample size and network width, after one warm-up each. model_cfg: a ModelConfig or a
+    dict of its fields; widths: base_channels to time (default: model_cfg's); prepare: optional
+    model -> model (e.g. train.prepare_model) so the timing sees the layout training uses.
+    Returns the speed table {"device", "batch_size", "depth", "points": [...]}."""
+    model_cfg = ModelConfig(**model_cfg) if isinstance(model_cfg, dict) else model_cfg
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    points = []
+    for width in widths or (model_cfg.base_channels,):
+        model = build_model(dataclasses.replace(model_cfg, base_channels=width)).to(device)
+        model = prepare(model) if prepare else model
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+        loss_fn = DiceBCELoss()
+        for size in sizes:
+            image = torch.randn(batch_size, model_cfg.in_channels, *size, device=device)
+            target = (torch.rand(batch_size, model_cfg.out_channels, *size, device=device) > 0.9).float()
+
+            def step():
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    loss = loss_fn(model(image), target)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+
+            def forward():
+                with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                                     enabled=amp_dtype is not None):
+                    model(image)
+
+            model.train()
+            step_s = _time(step, device, repeats)
+            model.eval()
+            forward_s = _time(forward, device, repeats)
+            points.append({"base_channels": width, "size": list(size), "voxels": batch_size * math.prod(size),
+                           "step_seconds": step_s, "forward_seconds": forward_s})
+            log.debug("speed: width %d, %s x %d: %.3f s/step, %.3f s/forward", width, size, batch_size,
+                      step_s, forward_s)
+    return {"device": str(device), "precision": str(amp_dtype or torch.float32).replace("torch.", ""),
+            "batch_size": batch_size, "depth": model_cfg.depth, "points": points}
+
+
+def fit_line(voxels, seconds):
+    """(intercept s, slope s/voxel) of a least-squares line; through the origin when the line
+    would have a negative intercept or slope (timing noise at small sizes)."""
+    v, t = np.asarray(voxels, np.float64), np.asarray(seconds, np.float64)
+    if len(v) >= 2 and np.ptp(v) > 0:
+        slope, intercept = np.polyfit(v, t, 1)
+        if slope > 0 and intercept >= 0:
+            return float(intercept), float(slope)
+    return 0.0, float((t * v).sum() / (v * v).sum())
+
+
+def fit_speed(speed):
+    """{base_channels: {"step": (a, b), "forward": (a, b)}}: seconds = a + b * voxels in the batch."""
+    widths = sorted({p["base_channels"] for p in speed["points"]})
+    fits = {}
+    for width in widths:
+        points = [p for p in speed["points"] if p["base_channels"] == width]
+        voxels = [p["voxels"] for p in points]
+        fits[width] = {"step": fit_line(voxels, [p["step_seconds"] for p in points]),
+                       "forward": fit_line(voxels, [p["forward_seconds"] for p in points])}
+    return fits
+
+
+def _seconds(line, voxels):
+    return line[0] + line[1] * voxels
+
+
+# --------------------------------------------------------------------------------------- planning
+
+def _three(value):
+    """An explicit size or spacing (one number or three) as a list of 3."""
+    if isinstance(value, (int, float)):
+        return [value] * 3
+    values = list(value)
+    return values * 3 if len(values) == 1 else values
+
+
+def plan_depth(min_side, explicit):
+    """Downsamplings until the bottleneck's smallest side would drop under MIN_BOTTLENECK voxels."""
+    if "model.depth" in explicit:
+        return int(explicit["model.depth"])
+    depth = 1
+    while depth < MAX_DEPTH and min_side / 2 ** (depth + 1) >= MIN_BOTTLENECK:
+        depth += 1
+    return depth
+
+
+def candidate_spacings(fp, explicit):
+    """Target spacings (mm, D/H/W) to weigh, finest first; never finer than the native spacing."""
+    native = fp["median_spacing"]
+    if "data.spacing" in explicit:
+        return [[float(s) for s in _three(explicit["data.spacing"])]]
+    if "data.image_size" in explicit and explicit.get("data.mode", "resize") == "resize":
+        size = _three(explicit["data.image_size"])  # the whole case resized to it: the spacing follows
+        return [[round(n * s / i, 4) for n, s, i in zip(fp["median_shape"], native, size)]]
+    spacings = []
+    for factor in SPACING_FACTORS:
+        spacing = [round(max(s, factor * min(native)), 4) for s in native]
+        if spacing not in spacings:
+            spacings.append(spacing)
+    return spacings
+
+
+def plan_sample(shape, explicit):
+    """(mode, size, depth) of one training sample for a resampled median case of `shape`: the whole
+    case when it fits VOXEL_CAP (or data.mode resize says so), else a patch."""
+    mode = explicit.get("data.mode") or ("patch" if "data.patch_size" in explicit else None)
+    if "data.image_size" in explicit and mode != "patch":
+        size = [int(s) for s in _three(explicit["data.image_size"])]
+        return "resize", size, plan_depth(min(size), explicit)
+    if mode != "patch":
+        depth = plan_depth(min(shape), explicit)
+        whole = [max(2 ** depth, 2 ** depth * round(n / 2 ** depth)) for n in shape]
+        if mode == "resize" or math.prod(whole) <= VOXEL_CAP:
+            return "resize", whole, depth
+    if "data.patch_size" in explicit:
+        patch = [int(s) for s in _three(explicit["data.patch_size"])]
+        return "patch", patch, plan_depth(min(patch), explicit)
+    scale = min(1.0, (VOXEL_CAP / math.prod(shape)) ** (1 / 3))
+    depth = plan_depth(min(shape) * scale, explicit)
+    step = 2 ** depth
+    patch = [max(step, step * math.floor(n * scale / step)) for n in shape]
+    return "patch", [min(p, padded) for p, padded in zip(patch, padded_shape(shape, depth))], depth
+
+
+def padded_shape(shape, depth):
+    """A shape padded up to multiples of 2**depth: the largest patch the median case offers."""
+    return [2 ** depth * math.ceil(n / 2 ** depth) for n in shape]
+
+
+def validation_seconds(mode, size, shape, forward):
+    """Forward time of validating one median case: the whole resized case, or sliding windows."""
+    if mode == "resize":
+        return _seconds(forward, math.prod(size))
+    windows = math.prod(1 if n <= p else math.ceil((n - p) / max(1, int(p * (1 - VAL_OVERLAP)))) + 1
+                        for n, p in zip(shape, size))
+    return math.ceil(windows / VAL_SW_BATCH) * _seconds(forward, VAL_SW_BATCH * math.prod(size))
+
+
+def evaluate_candidate(spacing, shape, sample, width, fit, budget_s, val_cases, batch):
+    """Steps and validations one (spacing, sample, width) buys within the budget."""
+    mode, size, depth = sample
+    step_s = _seconds(fit["step"], batch * math.prod(size))
+    val_s = val_cases * validation_seconds(mode, size, shape, fit["forward"])
+    # validation's share of the budget, at least one validation, at most MAX_VALIDATIONS: it never
+    # shrinks as the budget grows, so neither do the steps (what keeps the spacing rule monotone)
+    reserved = min(max(VAL_SHARE * budget_s, val_s), MAX_VALIDATIONS * val_s)
+    validations = max(1, min(MAX_VALIDATIONS, int(reserved // val_s))) if val_s > 0 else 1
+    steps = int(max(0.0, budget_s - reserved) // step_s)
+    return {"spacing": spacing, "shape": list(shape), "mode": mode, "size": size, "depth": depth,
+            "base_channels": width, "batch_size": batch, "step_seconds": step_s, "validation_seconds": val_s,
+            "validations": validations, "steps": steps,
+            "fits": mode == "resize" or all(p <= q for p, q in zip(size, padded_shape(shape, depth)))}
+
+
+def measured_widths(fits, explicit):
+    """Network widths to choose from: the explicit one, else every width the speed table timed."""
+    if "model.base_channels" not in explicit:
+        return sorted(fits)
+    width = int(explicit["model.base_channels"])
+    if width not in fits:
+        raise ValueError(f"model.base_channels {width}: the speed table timed only {sorted(fits)}; "
+                         f"measure_speed(..., widths=[{width}]) first")
+    return [width]
+
+
+def choose(fp, budget_s, fits, explicit, val_cases):
+    """The candidate the rule picks, and every spacing weighed (narrowest width) for the record."""
+    widths = measured_widths(fits, explicit)
+    batch = int(explicit.get("train.batch_size", BATCH_SIZE))
+
+    def at(spacing, width):
+        shape = resampled_shape(fp["median_shape"], fp["median_spacing"], spacing)
+        return evaluate_candidate(spacing, shape, plan_sample(shape, explicit), width, fits[width], budget_s,
+                                  val_cases, batch)
+
+    weighed = [at(spacing, widths[0]) for spacing in candidate_spacings(fp, explicit)]
+    # an explicit patch larger than the median case at every spacing: the user's choice, at native spacing
+    candidates = [c for c in weighed if c["fits"]] or weighed[:1]
+    feasible = [c for c in candidates if c["steps"] >= MIN_STEPS]
+    chosen = feasible[0] if feasible else candidates[-1]  # none: the coarsest, so less never buys finer
+    for width in reversed(widths[1:]):
+        wider = at(chosen["spacing"], width)
+        if wider["steps"] >= MIN_STEPS:
+            return wider, weighed
+    return chosen, weighed
+
+
+def _mm(spacing):
+    return "x".join(f"{s:g}" for s in spacing) + " mm"
+
+
+def _vox(size):
+    return "x".join(str(int(s)) for s in size)
+
+
+def mode_reason(c, explicit):
+    if "data.mode" not in explicit and ("data.patch_size" in explicit or "data.image_size" in explicit):
+        return f"implied by the explicit data.{'image' if c['mode'] == 'resize' else 'patch'}_size"
+    whole = math.prod(c["size"]) if c["mode"] == "resize" else math.prod(c["shape"])
+    return (f"whole median case at {_mm(c['spacing'])} is {_vox(c['shape'])}, {whole / 1e6:.2f} M voxels "
+            f"{'<=' if c['mode'] == 'resize' else '>'} cap {VOXEL_CAP / 1e6:.2f} M")
+
+
+def explain(c, weighed, fp, widths, budget_minutes, steps, val_every, explicit, speed):
+    """A short reason for each planned key."""
+    index = next((i for i, w in enumerate(weighed) if w["spacing"] == c["spacing"]), 0)
+    finer = weighed[:index]
+    enough = c["steps"] >= MIN_STEPS
+    spacing_why = (f"finest spacing where {budget_minutes:g} min buys >= {MIN_STEPS} steps ({c['steps']}"
+                   + (f"; {finer[-1]['steps']} at {_mm(finer[-1]['spacing'])})" if finer else ")")
+                   if enough else f"no spacing buys {MIN_STEPS} steps in {budget_minutes:g} min; the coarsest")
+    size_key = "data.image_size" if c["mode"] == "resize" else "data.patch_size"
+    return {
+        "data.mode": mode_reason(c, explicit),
+        "data.spacing": spacing_why,
+        size_key: (f"median brain-cropped case {_vox(fp['median_shape'])} at {_mm(fp['median_spacing'])} -> "
+                   f"{_vox(c['shape'])}; " + ("rounded to multiples of 2**depth" if c["mode"] == "resize"
+                                              else "about the voxel cap, the case's aspect ratio, within "
+                                                   f"the padded shape {_vox(padded_shape(c['shape'], c['depth']))}")),
+        "train.batch_size": "2 as nnU-Net in 3D: a larger batch buys fewer steps under a budget",
+        "model.base_channels": ("the width the speed table timed" if len(widths) == 1 else
+                                f"widest timed width of {widths} that still gets >= {MIN_STEPS} steps" if enough
+                                else f"narrowest timed width of {widths}: none gets {MIN_STEPS} steps"),
+        "model.depth": (f"downsample while the bottleneck keeps >= {MIN_BOTTLENECK} voxels a side (at most "
+                        f"{MAX_DEPTH}; speed timed at depth {speed.get('depth', '?')})"),
+        "train.schedule": "poly over the planned steps, so the learning rate ends when the budget does",
+        "train.warmup_steps": f"linear warm-up over {WARMUP_SHARE:.0%} of the steps",
+        "train.max_steps": (f"{budget_minutes:g} min less {c['validations']} validation(s), at "
+                            f"{c['step_seconds']:.3f} s a step of {c['batch_size']} x {_vox(c['size'])}"),
+        "train.val_every": (f"{c['validations']} validation(s) of ~{c['validation_seconds']:.1f} s each "
+                            f"(<= {VAL_SHARE:.0%} of the budget, <= {MAX_VALIDATIONS}): every {val_every} of "
+                            f"{steps} steps"),
+    }
+
+
+def plan_recipe(fp, budget_minutes, speed, explicit=None, val_cases=None):
+    """The training recipe for a fingerprint, a budget (minutes; 0: none) and a speed table, as
+    {"values": {config key: value}, "why": {config key: reason}, "estimates", "inputs", "constants"}.
+    Pure: the same inputs give the same plan. A key in `explicit` ({config key: value}) is taken
+    as given and the rest planned around it. No budget plans nothing: the plain defaults stay
+    (ReduceLROnPlateau, early stopping). val_cases: validation cases (default VAL_FRACTION of n_cases)."""
+    explicit = dict(explicit or {})
+    val_cases = val_cases or max(1, round(VAL_FRACTION * fp["n_cases"]))
+    inputs = {"budget_minutes": budget_minutes, "explicit": explicit, "val_cases": val_cases,
+              "speed": speed, "fingerprint": fp}
+    constants = {"MIN_STEPS": MIN_STEPS, "SPACING_FACTORS": list(SPACING_FACTORS), "VOXEL_CAP": VOXEL_CAP,
+                 "MIN_BOTTLENECK": MIN_BOTTLENECK, "MAX_DEPTH": MAX_DEPTH, "BATCH_SIZE": BATCH_SIZE,
+                 "VAL_SHARE": VAL_SHARE, "MAX_VALIDATIONS": MAX_VALIDATIONS, "WARMUP_SHARE": WARMUP_SHARE}
+    plan = {"values": {}, "why": {}, "estimates": {}, "inputs": inputs, "constants": constants}
+    if not budget_minutes or budget_minutes <= 0:
+        plan["why"]["plan"] = "no train.max_minutes: the plain defaults (ReduceLROnPlateau, early stopping)"
+        return plan
+    if explicit.get("data.mode") == "slices" or int(explicit.get("model.dims", 3)) == 2:
+        plan["why"]["plan"] = "2D slices are not planned: the configured recipe stays"
+        return plan
+    fits = fit_speed(speed)
+    chosen, weighed = choose(fp, 60.0 * budget_minutes, fits, explicit, val_cases)
+    steps = int(explicit.get("train.max_steps", chosen["steps"]))
+    val_every = max(1, steps // chosen["validations"])
+    values = {"data.mode": chosen["mode"], "data.spacing": chosen["spacing"],
+              "data.image_size" if chosen["mode"] == "resize" else "data.patch_size": chosen["size"],
+              "train.batch_size": chosen["batch_size"], "model.base_channels": chosen["base_channels"],
+              "model.depth": chosen["depth"], "train.schedule": "poly",
+              "train.warmup_steps": max(1, round(WARMUP_SHARE * steps)), "train.max_steps": steps,
+              "train.val_every": val_every}
+    why = explain(chosen, weighed, fp, measured_widths(fits, explicit), budget_minutes, steps, val_every, explicit,
+                  speed)
+    for key in values:
+        if key in explicit:
+            values[key], why[key] = explicit[key], "set explicitly"
+    plan["values"], plan["why"] = values, why
+    plan["estimates"] = {"chosen": chosen, "weighed": weighed,
+                         "speed_fit": {str(w): f for w, f in fits.items()}}
+    return plan
+
+
+# ---------------------------------------------------------------------------------------- output
+
+def _show(value):
+    if isinstance(value, (list, tuple)):
+        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+    return str(value)
+
+
+def format_plan(plan):
+    """The plan as one readable block for the log."""
+    inputs = plan["inputs"]
+    head = (f"plan for {inputs['budget_minutes']:g} min on {inputs['speed'].get('device', '?')}, "
+            f"{inputs['fingerprint']['n_cases']} training cases:" if plan["values"] else "plan: nothing planned")
+    lines = [head]
+    for key, value in plan["values"].items():
+        lines.append(f"  {key:<20} {_show(value):<14} {plan['why'].get(key, '')}")
+    lines += [f"  {reason}" for key, reason in plan["why"].items() if key not in plan["values"]]
+    return "\n".join(lines)
+
+
+def write_plan(run_dir, plan):
+    """plan.json in the run folder, written atomically; returns its path."""
+    path = os.path.join(run_dir, "plan.json")
+    write_json(path, plan)
+    return path
