@@ -89,7 +89,7 @@ class TrainConfig:
     amp: bool = True                   # mixed precision as train.precision says; false: fp32 everywhere
     precision: str = "auto"            # "auto": bf16 on GPUs (fp16 on older ones) and on CPUs with native bf16, else fp32 | "bf16" | "fp16" | "fp32"
     channels_last: bool = True         # channels-last memory layout for convolutions (faster, same results)
-    compile: bool = False              # torch.compile the model (slow first step; see README_BENCH.md)
+    compile: bool = False              # torch.compile the model (slow first step; see docs/performance.md)
     device: str = "auto"               # "auto" (CUDA when available), "cuda" or "cpu"
     seed: int = 0                      # seed for weights, sampling and augmentation
     out_dir: str = "runs"              # runs are written to out_dir/name
