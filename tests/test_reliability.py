@@ -12,7 +12,10 @@ import torch
 from checkpoint import CheckpointError, load_checkpoint, load_resumable, save_checkpoint
 from conftest import ROOT, write_blob_dataset
 from model import UNet
-from train import BadStepGuard, GracefulStop, TrainingStopped, train_one_epoch
+from config import Config
+from guards import GracefulStop, TrainingStopped
+from step import make_run
+from train import new_progress, train_one_epoch
 
 TINY = ["--data.image_size", "16", "--model.base_channels", "4", "--model.depth", "2", "--data.num_workers", "0",
         "--train.batch_size", "2", "--data.val_fraction", "0.2", "--data.test_fraction", "0.2",
@@ -90,7 +93,12 @@ def test_sigterm_mid_epoch_writes_last_pt_and_resume_continues_exactly(data_and_
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert f"python main.py --resume {run_dir}" in out
     state = load_checkpoint(os.path.join(run_dir, "last.pt"))
-    assert state["partial"] is not None or state["epoch"] >= 1
+    # stopped inside epoch 2: last.pt holds epoch 1 complete plus the steps epoch 2 had taken
+    # (2 steps an epoch; the stop may land on either, or on the first step after epoch 1's bookkeeping)
+    partial = state["partial"]
+    assert partial is not None and state["epoch"] == 1 and partial["epoch"] == 2, (state["epoch"], partial)
+    assert 1 <= partial["steps"] <= 2 and partial["count"] >= 1 and partial["loss_sum"] > 0, partial
+    assert len(state["history"]) == 1
     resumed = start_main("--resume", run_dir)
     assert resumed.wait(timeout=300) == 0, resumed.stderr.read()
     assert_same_run(run_dir, reference)
@@ -153,13 +161,13 @@ def test_checkpoints_hold_only_plain_containers(tmp_path):
 def tiny_training(loss_fn, limit=3, steps=4):
     model = UNet(in_channels=1, out_channels=1, base_channels=2, depth=1)
     batches = [{"image": torch.randn(1, 1, 8, 8, 8), "target": torch.zeros(1, 1, 8, 8, 8)}] * steps
-    optimizer = torch.optim.Adam(model.parameters())
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    cfg = Config()
+    cfg.train.max_bad_steps, cfg.train.grad_clip, cfg.train.amp = limit, 1.0, False
+    run = make_run(cfg, model, loss_fn, torch.device("cpu"))
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    progress = {"steps": 0, "loss_sum": 0.0, "count": 0}
+    progress = new_progress()
     with GracefulStop() as stop:
-        train_one_epoch(model, batches, loss_fn, optimizer, scaler, torch.device("cpu"), None, 1.0,
-                        BadStepGuard(limit), stop, progress, "test")
+        train_one_epoch(run, batches, stop, progress, "test")
     return model, before, progress
 
 
