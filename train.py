@@ -30,7 +30,7 @@ from dataset import case_format, loader_workers, make_loader  # data-split: case
 from guards import GracefulStop
 from reporting import write_history
 from scoring import CaseCache, evaluate_case
-from step import Run, make_run, train_step  # noqa: F401 (Run, make_run: the training API, used by main.py)
+from step import train_step
 from transforms import task_regions
 
 log = logging.getLogger(__name__)
