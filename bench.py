@@ -17,11 +17,12 @@ import torch
 
 from config import build_config, check, split_args
 from dataset import build_dataset
-from inference import autocast, model_predictor, sliding_window
+from inference import model_predictor, sliding_window
 from loaders import loader_workers, make_loader
 from losses import DiceBCELoss
 from model import build_model
-from train import autocast_dtype, cpu_has_fast_bf16, prepare_model, resolve_device
+from precision import autocast, autocast_dtype, cpu_has_fast_bf16, prepare_model, resolve_device
+from step import make_run, train_step
 
 CASE_SHAPE = (240, 240, 155)  # a BraTS case at 1 mm
 
@@ -97,26 +98,18 @@ def bf16_supported(device):
 
 # --- the training step ------------------------------------------------------------------------------------
 
-def make_step(model, batch, device, amp_dtype):
-    """One training step on a fixed batch (Adam, Dice + BCE), as train.train_one_epoch runs it."""
-    image, target = batch
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    loss_fn = DiceBCELoss()
-
-    def step():
-        with autocast(device, amp_dtype):
-            loss = loss_fn(model(image), target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        return loss
-    return step
+def make_step(cfg, model, batch, device):
+    """The training step itself (step.train_step: autocast, loss, backward, unscale, clipping, NaN
+    guard, Adam step) on a fixed batch, with the optimizer and precision `cfg` gives a run."""
+    run = make_run(cfg, model, DiceBCELoss(cfg.train.dice_weight, cfg.train.bce_weight), device)
+    return lambda: train_step(run, batch)
 
 
 def random_batch(batch_size, channels, size, out_channels, device):
+    """A batch as the loader serves it: {"image", "target"}."""
     image = torch.randn(batch_size, channels, *size, device=device)
     target = (torch.rand(batch_size, out_channels, *size, device=device) > 0.7).float()
-    return image, target
+    return {"image": image, "target": target}
 
 
 def step_flops(model, batch):
@@ -124,7 +117,7 @@ def step_flops(model, batch):
     from torch.utils.flop_counter import FlopCounterMode
     counter = FlopCounterMode(display=False)
     with counter:
-        DiceBCELoss()(model(batch[0]), batch[1]).backward()
+        DiceBCELoss()(model(batch["image"]), batch["target"]).backward()
     model.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
@@ -136,7 +129,7 @@ def bench_step(cfg, device, batch_size, size, repeats, ceiling, warmup=1):
     batch = random_batch(batch_size, mc.in_channels, size, mc.out_channels, device)
     flops = step_flops(model, batch)
     model = prepare_model(model, tc, device)
-    step = make_step(model, batch, device, autocast_dtype(device, tc.amp, tc.precision))
+    step = make_step(cfg, model, batch, device)
     reset_peak(device)
     seconds = interleaved({"step": step}, device, repeats, warmup)["step"]
     voxels = batch_size * torch.Size(size).numel()
@@ -216,8 +209,8 @@ def compare_monai(cfg, device, batch_size, size, case_shape, repeats):
     amp_dtype = autocast_dtype(device, tc.amp, tc.precision)
     batch = random_batch(batch_size, mc.in_channels, size, mc.out_channels, device)
     ours = prepare_model(build_model(mc).to(device), tc, device)
-    steps = interleaved({"ours": make_step(ours, batch, device, amp_dtype),
-                         "monai": make_step(monai_dynunet(mc).to(device), batch, device, amp_dtype)},
+    steps = interleaved({"ours": make_step(cfg, ours, batch, device),
+                         "monai": make_step(cfg, monai_dynunet(mc).to(device), batch, device)},
                         device, repeats)
     window = tuple(cfg.data.patch_size)
     image = torch.randn(mc.in_channels, *case_shape)

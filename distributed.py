@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from precision import resolve_device
+
 log = logging.getLogger(__name__)
 
 
@@ -55,17 +57,17 @@ def is_main():
 def init_from_env(device="auto"):
     """Join torchrun's process group when WORLD_SIZE > 1; returns a DistContext.
 
-    `device` is train.device: "auto" takes CUDA when available. Under DDP each process uses GPU
-    LOCAL_RANK (backend NCCL); on CPU the backend is gloo."""
+    `device` is train.device, decided by precision.resolve_device (the single-process callers ask
+    it too, so both agree). Under DDP each process uses GPU LOCAL_RANK (backend NCCL); on CPU the
+    backend is gloo."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank_, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
-    if use_cuda and not torch.cuda.is_available():
-        raise RuntimeError("train.device is 'cuda' but no CUDA device is available; use --train.device cpu")
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    chosen = resolve_device(device)
     if world <= 1:
-        return DistContext(0, 1, 0, torch.device("cuda" if use_cuda else device if device != "auto" else "cpu"))
+        return DistContext(0, 1, 0, chosen)
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
+    use_cuda = chosen.type == "cuda"
     if use_cuda:
         if local >= torch.cuda.device_count():
             raise RuntimeError(f"LOCAL_RANK {local} but only {torch.cuda.device_count()} GPUs on this node; "
@@ -75,7 +77,7 @@ def init_from_env(device="auto"):
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
     ctx = DistContext(dist.get_rank(), dist.get_world_size(), local,
-                      torch.device("cuda", local) if use_cuda else torch.device("cpu"))
+                      torch.device("cuda", local) if use_cuda else chosen)
     if ctx.is_main:
         log.info("distributed: %d processes, backend %s", ctx.world_size, backend)
     return ctx

@@ -20,8 +20,6 @@ to rank 0, which writes per_case.csv and summary.json in the single-process case
 figures equal a one-process evaluation of the same checkpoint.
 """
 import argparse
-import csv
-import io
 import json
 import logging
 import os
@@ -30,18 +28,16 @@ import sys
 from tqdm import tqdm
 
 import distributed
-from atomic import write_json, write_text
-from cases import DataError, case_format, case_id_of, read_case, uncrop
+from cases import DataError, case_format, case_id_of, read_case
 from checkpoint import CheckpointError, load_checkpoint, load_weights
 from config import build_config, check, from_dict, split_args
 from export import export_case
-from inference import predict_case
-from metrics import METRICS, pool_slice_scores, score_case, slice_scores, summarise
 from model import build_model
-from postprocess import keep_largest_component, remove_small_enhancing
+from precision import autocast_dtype, resolve_device
+from reporting import format_table, write_reports
+from scoring import evaluate_case
 from splits import list_cases
-from train import autocast_dtype, resolve_device
-from transforms import labels_to_regions, task_regions
+from transforms import task_regions
 
 log = logging.getLogger(__name__)
 
@@ -63,91 +59,22 @@ def select_cases(data_dir, split, split_file):
     return chosen
 
 
-def scoring_grid(regions, attrs):
-    """Regions on the case's original (uncropped) grid, as BraTS scores them: the cropped-away
-    background counts as true negatives in the specificity. Axis order stays the stored one, so
-    the spacing still applies."""
-    if "crop_box" in attrs and "original_shape" in attrs:
-        return uncrop(regions, attrs["crop_box"], attrs["original_shape"])
-    return regions
-
-
-def postprocess(pred, eval_cfg, task):
-    """The configured postprocessing of a boolean (R, *spatial) prediction."""
-    if task == "brats":
-        pred = remove_small_enhancing(pred, eval_cfg.postprocess_et_min)
-    if eval_cfg.largest_component:
-        pred = keep_largest_component(pred)
-    return pred
-
-
 def evaluate_cases(model, paths, cfg, device, out_dir=None, save_predictions=False, overlays=False,
                    labelled=True):
     """Predict each case, postprocess, score it (when `labelled`) and export what was asked for;
     returns a list of (case_id, {region: {metric: value}}) (empty scores when unlabelled)."""
     fmt, results = case_format(cfg.data), []
     amp_dtype = autocast_dtype(device, cfg.train.amp, cfg.train.precision)
-    task, regions = cfg.data.task, task_regions(cfg.data.task)
+    regions = task_regions(cfg.data.task)
     for path in tqdm(paths, desc="evaluate" if labelled else "predict", leave=False, dynamic_ncols=True,
                      disable=not distributed.is_main()):
         case = read_case(path, fmt, with_mask=labelled)
-        probs = predict_case(model, case.image, cfg, device, amp_dtype)
-        pred = postprocess((probs > cfg.eval.threshold).numpy(), cfg.eval, task)
-        scores = {}
-        if labelled:
-            truth = labels_to_regions(case.mask, regions).numpy() > 0.5
-            scores = score_case(scoring_grid(pred, case.attrs), scoring_grid(truth, case.attrs), list(regions),
-                                case.spacing, with_hd95=task == "brats")
-            if task == "binary":
-                scores["slices"] = slice_scores(pred[0], truth[0])
+        result = evaluate_case(model, case, cfg, device, amp_dtype, with_hd95=cfg.data.task == "brats")
         if save_predictions or overlays:
-            export_case(out_dir, case, pred, probs.numpy() if cfg.eval.save_probabilities else None,
+            export_case(out_dir, case, result.pred, result.probs.numpy() if cfg.eval.save_probabilities else None,
                         cfg.eval.enhancing_label, predictions=save_predictions, overlay=overlays, regions=regions)
-        results.append((case.case_id, scores))
+        results.append((case.case_id, result.scores))
     return results
-
-
-PER_PATIENT = ("per patient: each patient's slices stacked into one volume, voxel counts summed, Dice and "
-               "IoU from those counts; mean over patients")
-PER_SLICE = ("per slice: Dice and IoU averaged over the slices whose truth holds tumour (tumour-free slices are "
-             "not scored; false_positive_slices counts those with any predicted tumour)")
-
-
-def write_reports(out_dir, results, split, extra, region_names=("WT", "TC", "ET")):
-    """per_case.csv and summary.json; a binary task's per-case "slices" figures are pooled into
-    summary["per_slice"], and each figure says how it was computed."""
-    rows = [{"case": cid, **{f"{r}_{m}": "" if v is None else round(v, 5) for r, s in scores.items()
-                             for m, v in s.items()}} for cid, scores in results]
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    write_text(os.path.join(out_dir, "per_case.csv"), buffer.getvalue())
-    summary = {"split": split, "cases": len(results), **extra,
-               "regions": summarise([scores for _, scores in results], list(region_names))}
-    if results and "slices" in results[0][1]:
-        summary["regions_scoring"] = PER_PATIENT
-        summary["per_slice"] = {"scoring": PER_SLICE, **pool_slice_scores([s["slices"] for _, s in results])}
-    write_json(os.path.join(out_dir, "summary.json"), summary)
-    return summary
-
-
-def format_table(summary):
-    first = next(iter(summary["regions"].values()), {})
-    metrics = [m for m in METRICS if m in first]
-    per_slice = summary.get("per_slice")
-    scoring = "per-patient scores (slices stacked, 3D counts), means over patients" if per_slice else "means over cases"
-    lines = [f"{summary['split']} split, {summary['cases']} cases: {scoring}",
-             f"{'region':<8}" + "".join(f"{m:>13}" for m in metrics)]
-    for region, values in summary["regions"].items():
-        lines.append(f"{region:<8}" + "".join(f"{values.get(m, float('nan')):>13.4f}" for m in metrics))
-    if per_slice:
-        dice, iou = (per_slice[k] for k in ("dice_over_tumour_slices", "iou_over_tumour_slices"))
-        lines.append(f"per-slice over {per_slice['tumour_slices']} tumour-containing slices: "
-                     + (f"Dice {dice:.4f}, IoU {iou:.4f}" if dice is not None else "none to score"))
-        lines.append(f"false-positive slices: {per_slice['false_positive_slices']} of "
-                     f"{per_slice['empty_slices']} tumour-free slices have predicted tumour")
-    return "\n".join(lines)
 
 
 def evaluate_checkpoint(checkpoint_path, split=None, out_dir=None, overrides=None, device=None,

@@ -11,6 +11,7 @@ import math
 
 import torch
 
+from precision import autocast
 from transforms import resize_image, zscore_brain
 
 
@@ -99,11 +100,6 @@ def sliding_window(predictor, image, window, overlap=0.5, batch_size=2, gaussian
     output /= norm
     crop = tuple(slice(p // 2, p // 2 + s) for p, s in zip(pad, spatial))
     return output[(slice(None), *crop)].contiguous()
-
-
-def autocast(device, amp_dtype):
-    """Mixed precision in `amp_dtype` on `device`, or plain fp32 when it is None."""
-    return torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None)
 
 
 def model_predictor(model, device, amp_dtype=None):

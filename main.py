@@ -23,11 +23,15 @@ from cases import DataError, case_format, case_id_of
 from checkpoint import CheckpointError, load_resumable
 from config import RESUME_SAFE_KEYS, Config, build_config, check, diff_keys, from_dict, split_args, to_dict
 from dataset import build_dataset
-from evaluate import evaluate_checkpoint, format_table
+from evaluate import evaluate_checkpoint
+from guards import TrainingStopped
 from losses import DiceBCELoss
 from model import build_model
+from precision import prepare_model, resolve_device
+from reporting import format_table
 from splits import list_cases, split_cases, validate_cases
-from train import TrainingStopped, fit, prepare_model, resolve_device
+from step import make_run
+from train import fit
 
 log = logging.getLogger("main")
 
@@ -127,15 +131,15 @@ def run(cfg, resume=None):
         raise error or OutputError("rank 0 could not prepare the run folder (its message says why)")
     run_dir = distributed.broadcast_object(run_dir if distributed.is_main() else None)
     by_id = {case_id_of(p): p for p in paths}
+    val_paths = [by_id[c] for c in split["val"]]  # validation reads whole cases, as evaluation does
     train_set = build_dataset(cfg.data, [by_id[c] for c in split["train"]], True, cfg.train.seed)
-    val_set = build_dataset(cfg.data, [by_id[c] for c in split["val"]], False)
     # fast paths (channels-last, compile) go on the bare module, before DDP wraps it
     model = distributed.wrap_model(prepare_model(model, cfg.train, device), device,
                                    cfg.train.sync_batchnorm and cfg.model.norm == "batch")
     log.info("run %s: %d train / %d val / %d test cases, %s, %.2fM parameters", run_dir, len(split["train"]),
              len(split["val"]), len(split["test"]), device, n_params / 1e6)
     loss_fn = DiceBCELoss(cfg.train.dice_weight, cfg.train.bce_weight)
-    best_path, stopped_by = fit(cfg, model, loss_fn, train_set, val_set, run_dir, device,
+    best_path, stopped_by = fit(make_run(cfg, model, loss_fn, device), train_set, val_paths, run_dir,
                                 resume[1] if resume else None)
     if stopped_by is not None:
         if not distributed.is_main():

@@ -4,11 +4,12 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from cases import write_case  # noqa: E402
+from cases import Case, write_case  # noqa: E402
 
 
 def blob_case(rng, shape, with_enhancing=True):
@@ -57,3 +58,32 @@ def tiny_dataset(tmp_path):
     folder = tmp_path / "data"
     write_blob_dataset(str(folder))
     return str(folder)
+
+
+# A model whose answer is known, and the case it answers perfectly (scoring and validation tests).
+SHAPE = (12, 14, 10)
+
+
+class TumourDetector(torch.nn.Module):
+    """Answers every region with "where channel 0 is bright": large logits on the tumour of
+    `bright_case`, large negative ones elsewhere (the z-scored brain is below 0.5)."""
+
+    def __init__(self, regions=3):
+        super().__init__()
+        self.regions, self.gain = regions, torch.nn.Parameter(torch.tensor(20.0))  # a weight for optimizers
+
+    def forward(self, x):
+        return (self.gain * x[:, :1] - 10).repeat(1, self.regions, *(1,) * (x.dim() - 2))
+
+
+def bright_case(case_id="c0", with_mask=True, stray=False):
+    """A 4-channel brain of ones with a bright (10) box of tumour, labelled 4 (so WT = TC = ET);
+    `stray` adds a second, unlabelled bright voxel that only postprocessing removes."""
+    image = np.zeros((4, *SHAPE), np.float32)
+    image[:, 1:-1, 1:-1, 1:-1] = 1
+    mask = np.zeros(SHAPE, np.uint8)
+    mask[4:8, 5:9, 3:7] = 4
+    image[:, mask > 0] = 10
+    if stray:
+        image[:, 1, 1, 1] = 10
+    return Case(case_id, image, mask if with_mask else None)

@@ -9,7 +9,7 @@ import bench
 from config import Config, ModelConfig
 from inference import model_predictor, sliding_window
 from model import UNet
-from train import autocast_dtype, cpu_has_fast_bf16, prepare_model
+from precision import prepare_model
 
 CPU = torch.device("cpu")
 
@@ -33,23 +33,10 @@ def tiny_cfg(**train):
     return cfg
 
 
-@pytest.mark.parametrize("precision, amp, expected", [
-    ("fp32", True, None), ("auto", False, None), ("bf16", True, torch.bfloat16), ("fp16", True, torch.float16),
-    ("auto", True, torch.bfloat16 if cpu_has_fast_bf16() else None),
-])
-def test_autocast_dtype_on_cpu(precision, amp, expected):
-    assert autocast_dtype(CPU, amp, precision) == expected
-
-
-def test_unknown_precision_is_an_error():
-    with pytest.raises(ValueError, match="train.precision"):
-        autocast_dtype(CPU, True, "fp8")
-
-
-def two_steps(model, batch, amp_dtype=None):
-    """Loss of two training steps and the weights after them."""
-    step = bench.make_step(model, batch, CPU, amp_dtype)
-    losses = [step().item() for _ in range(2)]
+def two_steps(model, batch, cfg=None):
+    """Loss of two training steps (bench.make_step: train_step itself) and the weights after them."""
+    step = bench.make_step(cfg or tiny_cfg(precision="fp32", lr=1e-4), model, batch, CPU)
+    losses = [step() for _ in range(2)]
     return losses, [p.detach().clone() for p in model.parameters()]
 
 
@@ -70,7 +57,7 @@ def test_bf16_autocast_step_stays_close_to_fp32():
     plain = UNet(4, 3, base_channels=4, depth=1)
     batch = bench.random_batch(1, 4, (8, 8, 8), 3, CPU)
     loss_a, _ = two_steps(plain, batch)
-    loss_b, _ = two_steps(copy.deepcopy(plain), batch, torch.bfloat16)
+    loss_b, _ = two_steps(copy.deepcopy(plain), batch, tiny_cfg(precision="bf16", lr=1e-4))
     assert loss_b[0] == pytest.approx(loss_a[0], rel=0.02)
 
 

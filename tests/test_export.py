@@ -45,7 +45,7 @@ def test_uncrop_and_orientation_invert_the_conversion(tmp_path):
 
 
 def test_scores_count_the_cropped_background_as_true_negatives(tmp_path):
-    from evaluate import scoring_grid
+    from scoring import scoring_grid
     from metrics import confusion
 
     case, source = nifti_like_case(tmp_path, np.eye(4))

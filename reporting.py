@@ -1,0 +1,89 @@
+"""What a run and an evaluation write for people to read: CSV tables (metrics.csv, per_case.csv),
+the training curves (curves.png), summary.json and the printed summary table. Files are written
+atomically.
+"""
+import csv
+import io
+import os
+
+from atomic import atomic_path, write_json, write_text
+from metrics import METRICS, pool_slice_scores, summarise
+
+PER_PATIENT = ("per patient: each patient's slices stacked into one volume, voxel counts summed, Dice and "
+               "IoU from those counts; mean over patients")
+PER_SLICE = ("per slice: Dice and IoU averaged over the slices whose truth holds tumour (tumour-free slices are "
+             "not scored; false_positive_slices counts those with any predicted tumour)")
+
+
+def write_csv(path, rows):
+    """A list of dicts with the same keys as one CSV table, header from the first row's keys."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(path, buffer.getvalue())
+
+
+def write_history(run_dir, history):
+    """metrics.csv and curves.png of a run from its history rows (one per epoch)."""
+    write_csv(os.path.join(run_dir, "metrics.csv"), history)
+    plot_curves(os.path.join(run_dir, "curves.png"), history)
+
+
+def plot_curves(path, rows):
+    """Loss (train, and validation when there is one) and validation Dice per region over epochs."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in rows]
+    fig, (ax_loss, ax_dice) = plt.subplots(1, 2, figsize=(10, 4))
+    for key, label in (("train_loss", "train"), ("val_loss", "val")):
+        if key in rows[0]:
+            ax_loss.plot(epochs, [r[key] for r in rows], label=label)
+    ax_loss.set(xlabel="epoch", ylabel="Dice + BCE loss", title="Loss")
+    for key in [k for k in rows[0] if k.startswith("val_dice_")]:
+        ax_dice.plot(epochs, [r[key] for r in rows], label=key[len("val_dice_"):])
+    ax_dice.set(xlabel="epoch", ylabel="Dice", title="Validation Dice", ylim=(0, 1))
+    for ax in (ax_loss, ax_dice):
+        if ax.lines:
+            ax.legend()
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def write_reports(out_dir, results, split, extra, region_names=("WT", "TC", "ET")):
+    """per_case.csv and summary.json; a binary task's per-case "slices" figures are pooled into
+    summary["per_slice"], and each figure says how it was computed."""
+    rows = [{"case": cid, **{f"{r}_{m}": "" if v is None else round(v, 5) for r, s in scores.items()
+                             for m, v in s.items()}} for cid, scores in results]
+    write_csv(os.path.join(out_dir, "per_case.csv"), rows)
+    summary = {"split": split, "cases": len(results), **extra,
+               "regions": summarise([scores for _, scores in results], list(region_names))}
+    if results and "slices" in results[0][1]:
+        summary["regions_scoring"] = PER_PATIENT
+        summary["per_slice"] = {"scoring": PER_SLICE, **pool_slice_scores([s["slices"] for _, s in results])}
+    write_json(os.path.join(out_dir, "summary.json"), summary)
+    return summary
+
+
+def format_table(summary):
+    """The printed summary of an evaluation: one row per region, one column per metric."""
+    first = next(iter(summary["regions"].values()), {})
+    metrics = [m for m in METRICS if m in first]
+    per_slice = summary.get("per_slice")
+    scoring = "per-patient scores (slices stacked, 3D counts), means over patients" if per_slice else "means over cases"
+    lines = [f"{summary['split']} split, {summary['cases']} cases: {scoring}",
+             f"{'region':<8}" + "".join(f"{m:>13}" for m in metrics)]
+    for region, values in summary["regions"].items():
+        lines.append(f"{region:<8}" + "".join(f"{values.get(m, float('nan')):>13.4f}" for m in metrics))
+    if per_slice:
+        dice, iou = (per_slice[k] for k in ("dice_over_tumour_slices", "iou_over_tumour_slices"))
+        lines.append(f"per-slice over {per_slice['tumour_slices']} tumour-containing slices: "
+                     + (f"Dice {dice:.4f}, IoU {iou:.4f}" if dice is not None else "none to score"))
+        lines.append(f"false-positive slices: {per_slice['false_positive_slices']} of "
+                     f"{per_slice['empty_slices']} tumour-free slices have predicted tumour")
+    return "\n".join(lines)

@@ -1,0 +1,116 @@
+"""The training loop's parts: one step (step.train_step), validation through evaluation's per-case
+path (train.validate), and a run without validation cases."""
+import csv
+import logging
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+
+from cases import write_case
+from checkpoint import load_checkpoint
+from config import Config, build_config
+from conftest import SHAPE, TumourDetector, bright_case
+from evaluate import evaluate_cases
+from losses import DiceBCELoss
+from main import run as main_run
+from model import UNet
+from scoring import CaseCache
+from step import make_run, train_step
+from train import validate
+
+CPU = torch.device("cpu")
+
+
+def tiny_run(model, **train_keys):
+    cfg = Config()
+    cfg.train.amp = False
+    for key, value in train_keys.items():
+        setattr(cfg.train, key, value)
+    return make_run(cfg, model, DiceBCELoss(), CPU)
+
+
+def grad_norm(model):
+    return float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])))
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 1e-3])
+def test_a_step_updates_the_weights_with_clipped_gradients(grad_clip):
+    torch.manual_seed(0)
+    model = UNet(in_channels=4, out_channels=3, base_channels=2, depth=1)
+    run = tiny_run(model, grad_clip=grad_clip)
+    batch = {"image": torch.randn(2, 4, 8, 8, 8), "target": (torch.rand(2, 3, 8, 8, 8) > 0.7).float()}
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = train_step(run, batch)
+    assert isinstance(loss, float) and loss > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    # the gradients the optimizer stepped on are still there: clipped to grad_clip when it is set
+    if grad_clip:
+        assert grad_norm(model) <= grad_clip * 1.001
+    else:
+        assert grad_norm(model) > 1e-2
+
+
+@pytest.fixture
+def bright_cases(tmp_path):
+    """Three files of the case TumourDetector answers perfectly."""
+    paths = []
+    for i in range(3):
+        case = bright_case(f"b{i}")
+        paths.append(write_case(str(tmp_path / f"b{i}.h5"), case.image, case.mask))
+    return paths
+
+
+def validation_run(**eval_keys):
+    run = tiny_run(TumourDetector())
+    run.cfg.data.image_size = SHAPE  # the native grid: resize is the identity
+    for key, value in eval_keys.items():
+        setattr(run.cfg.eval, key, value)
+    return run
+
+
+def test_validation_scores_whole_cases_as_evaluation_does(bright_cases):
+    run = validation_run()
+    val_loss, dice = validate(run, bright_cases, CaseCache(None, 2 ** 30))
+    assert dice == {"WT": 1.0, "TC": 1.0, "ET": 1.0} and 0 < val_loss < 0.05
+    evaluated = evaluate_cases(run.model, bright_cases, run.cfg, CPU)
+    assert [scores["ET"]["dice"] for _, scores in evaluated] == [1.0] * 3
+    assert validate(run, [], CaseCache(None, 0)) is None
+
+
+def test_validation_honours_the_eval_keys(bright_cases, tmp_path):
+    run = validation_run(threshold=1.0)  # nothing reaches the threshold: every case scores Dice 0
+    assert validate(run, bright_cases, CaseCache(None, 0))[1] == {"WT": 0.0, "TC": 0.0, "ET": 0.0}
+    stray = bright_case("stray", stray=True)  # a false-positive voxel that only postprocessing removes
+    path = write_case(str(tmp_path / "stray.h5"), stray.image, stray.mask)
+    assert validate(validation_run(), [path], CaseCache(None, 0))[1]["WT"] < 1.0
+    assert validate(validation_run(largest_component=True), [path], CaseCache(None, 0))[1]["WT"] == 1.0
+
+
+def test_validation_cases_are_read_once_within_the_cache_budget(bright_cases):
+    cache = CaseCache(None, 2 ** 30)
+    for _ in range(2):
+        validate(validation_run(), bright_cases, cache)
+    assert set(cache.cases) == set(bright_cases)
+    nothing = CaseCache(None, 0)
+    validate(validation_run(), bright_cases, nothing)
+    assert not nothing.cases
+
+
+def test_without_validation_cases_best_pt_follows_the_training_loss(tiny_dataset, tmp_path, caplog):
+    cfg = build_config({"data.dir": tiny_dataset, "data.val_fraction": "0", "data.test_fraction": "0.2",
+                        "data.image_size": "16", "model.base_channels": "4", "model.depth": "2",
+                        "train.epochs": "2", "train.batch_size": "2", "data.num_workers": "0",
+                        "train.out_dir": str(tmp_path), "train.name": "noval"})
+    with warnings.catch_warnings(), caplog.at_level(logging.INFO):
+        warnings.simplefilter("error", RuntimeWarning)  # no "mean of empty slice"
+        run_dir = main_run(cfg)
+    assert sum("no validation cases" in r.getMessage() for r in caplog.records) == 1
+    rows = list(csv.DictReader(open(os.path.join(run_dir, "metrics.csv"))))
+    assert len(rows) == 2 and not [k for k in rows[0] if k.startswith("val_")]
+    best = load_checkpoint(os.path.join(run_dir, "best.pt"))
+    losses = [float(r["train_loss"]) for r in rows]
+    assert best["epoch"] == 1 + int(np.argmin(losses))
+    assert -best["best_score"] == pytest.approx(min(losses), abs=1e-4)
