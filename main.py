@@ -2,6 +2,8 @@
 
     python main.py [--preset NAME] [--config FILE.json] [--section.key VALUE ...]
 
+`--data.folds K --data.fold all` trains K cross-validation folds into RUN/fold_<i> and evaluates
+their ensemble on the test split (docs/evaluation.md).
 With no .h5 files in the default data.dir, a synthetic BraTS-like dataset is generated there first.
 On several GPUs: `torchrun --nproc_per_node=N main.py ...` trains with DDP (see distributed.py).
 """

@@ -81,6 +81,8 @@ def make_split(case_ids, data_cfg):
     cross-validation, its validation part that fold and its training part the other folds."""
     if not data_cfg.folds:
         return split_cases(case_ids, data_cfg.val_fraction, data_cfg.test_fraction, data_cfg.split_seed)
+    if data_cfg.fold == "all":
+        raise ValueError("data.fold all is every fold in turn (main.run_folds); one run trains one fold")
     fold = int(data_cfg.fold)
     test, folds = fold_patients(case_ids, data_cfg.test_fraction, data_cfg.split_seed, data_cfg.folds)
     train = sorted(c for i, cases in enumerate(folds) if i != fold for c in cases)
