@@ -60,6 +60,9 @@ class DataConfig:
     max_gamma: float = 1.5             # gamma drawn log-uniformly from [1 / max_gamma, max_gamma]
     noise_prob: float = 0.1            # probability of additive Gaussian noise
     noise_std: float = 0.1             # noise std drawn from [0, noise_std] (z-score units)
+    folds: int = 0                     # cross-validation: deal the non-test patients into this many folds (0: off)
+    fold: str = "all"                  # with data.folds K: the fold validated on, "0".."K-1", or "all" to train
+                                       # every fold in turn into RUN/fold_<i> (see docs/evaluation.md)
 
 
 @dataclass
@@ -286,9 +289,18 @@ def check(cfg, warn=False):
     if model.in_channels != data.channels:
         raise ValueError(f"model.in_channels ({model.in_channels}) must equal data.channels ({data.channels})")
     check_input_size(cfg)
+    check_folds(data)
     if warn and data.val_fraction == 0:
         log.warning("data.val_fraction is 0: no validation cases, so best.pt follows the training loss")
     return cfg
+
+
+def check_folds(data):
+    """data.folds is 0 or at least 2; data.fold names one of them or "all"."""
+    if data.folds == 1 or data.folds < 0:
+        raise ValueError(f"data.folds {data.folds}: use 0 (no cross-validation) or at least 2 folds")
+    if data.folds and data.fold != "all" and data.fold not in {str(i) for i in range(data.folds)}:
+        raise ValueError(f"data.fold {data.fold!r}: choose 0..{data.folds - 1} or all (data.folds is {data.folds})")
 
 
 def check_input_size(cfg):

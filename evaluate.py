@@ -1,6 +1,6 @@
 """Evaluate a checkpoint: predict every case of a split at native resolution and score it.
 
-    python evaluate.py --checkpoint RUN/best.pt [--data.dir DIR] [--split test|val|all] [--out DIR]
+    python evaluate.py --checkpoint RUN/best.pt|RUN [--data.dir DIR] [--split test|val|all] [--out DIR]
                        [--save-predictions] [--save-probabilities] [--no-overlays] [--predict]
 
 The model is rebuilt from the config stored in the checkpoint; data.* and eval.* keys can be
@@ -14,6 +14,8 @@ the tumour-containing slices and the number of tumour-free slices with a false-p
 --save-predictions writes a label map per case to --out/predictions (NIfTI on the source grid
 and affine for cases converted from NIfTI, else .h5; see export.py). --predict is for cases
 without labels: it only predicts and exports (use it with --split all).
+A cross-validation run folder (data.fold all) as --checkpoint evaluates the ensemble of its
+folds' best.pt on the test split no fold saw: the mean of their probabilities per case.
 Under torchrun (`torchrun --nproc_per_node=N evaluate.py ...`) case i is predicted by rank i % N
 (which also writes that case's overlay and prediction files); the per-case results are gathered
 to rank 0, which writes per_case.csv and summary.json in the single-process case order, so the
@@ -29,11 +31,11 @@ from tqdm import tqdm
 
 import distributed
 from cases import DataError, case_format, case_id_of, read_case
-from checkpoint import CheckpointError, load_checkpoint, load_weights
-from config import build_config, check, from_dict, split_args
+from checkpoint import CheckpointError
+from config import split_args
+from ensemble import checkpoint_files, evaluate_ensemble_case, load_members
 from export import export_case
-from model import build_model
-from precision import autocast_dtype, resolve_device
+from precision import autocast_dtype
 from reporting import format_table, write_reports
 from scoring import evaluate_case
 from splits import list_cases
@@ -60,16 +62,19 @@ def select_cases(data_dir, split, split_file):
 
 
 def evaluate_cases(model, paths, cfg, device, out_dir=None, save_predictions=False, overlays=False,
-                   labelled=True):
+                   labelled=True, members=None):
     """Predict each case, postprocess, score it (when `labelled`) and export what was asked for;
-    returns a list of (case_id, {region: {metric: value}}) (empty scores when unlabelled)."""
+    returns a list of (case_id, {region: {metric: value}}) (empty scores when unlabelled).
+    With `members` (ensemble.Member list) the mean of their probabilities is scored instead of `model`'s."""
     fmt, results = case_format(cfg.data), []
     amp_dtype = autocast_dtype(device, cfg.train.amp, cfg.train.precision)
     regions = task_regions(cfg.data.task)
     for path in tqdm(paths, desc="evaluate" if labelled else "predict", leave=False, dynamic_ncols=True,
                      disable=not distributed.is_main()):
         case = read_case(path, fmt, with_mask=labelled)
-        result = evaluate_case(model, case, cfg, device, amp_dtype, with_hd95=cfg.data.task == "brats")
+        with_hd95 = cfg.data.task == "brats"
+        result = (evaluate_ensemble_case(members, case, device, with_hd95) if members else
+                  evaluate_case(model, case, cfg, device, amp_dtype, with_hd95=with_hd95))
         if save_predictions or overlays:
             export_case(out_dir, case, result.pred, result.probs.numpy() if cfg.eval.save_probabilities else None,
                         cfg.eval.enhancing_label, predictions=save_predictions, overlay=overlays, regions=regions)
@@ -77,30 +82,34 @@ def evaluate_cases(model, paths, cfg, device, out_dir=None, save_predictions=Fal
     return results
 
 
+def split_file(checkpoint_path, files, split):
+    """The split.json naming the cases of `split`: the run's; for a fold ensemble the first fold's,
+    whose test split every fold shares (their validation cases differ, so 'val' is refused)."""
+    if len(files) > 1 and split == "val":
+        raise DataError(f"{checkpoint_path}: the folds validate on different cases; evaluate one fold's "
+                        f"best.pt for --split val")
+    return os.path.join(os.path.dirname(os.path.abspath(files[0])), "split.json")
+
+
 def evaluate_checkpoint(checkpoint_path, split=None, out_dir=None, overrides=None, device=None,
                         save_predictions=False, overlays=False, predict=False):
     """Rebuild the model from a checkpoint, score a split (None: eval.split), write reports; returns the summary.
 
+    checkpoint_path may be a run folder: its best.pt, or for a cross-validation run (data.fold all)
+    the ensemble of its fold_<i>/best.pt (mean probabilities, see ensemble.py).
     With `predict` the cases need no labels: they are predicted and exported, not scored, and the
     summary only lists them. Under torchrun every rank calls this and scores its share of the cases;
     rank 0 writes the reports and returns the summary, the other ranks return None."""
-    state = load_checkpoint(checkpoint_path)
-    cfg = from_dict(state["config"])
-    for key in overrides or {}:
-        if not key.startswith(("data.", "eval.", "train.device")):
-            raise KeyError(f"--{key}: only data.*, eval.* and train.device can change at evaluation "
-                           f"(the model comes from the checkpoint)")
-    cfg = check(build_config(overrides or {}, base=cfg))
+    files = checkpoint_files(checkpoint_path)
+    members = load_members(files, device, overrides)
+    cfg, device = members[0].cfg, members[0].device
     split = split or cfg.eval.split
-    device = device or resolve_device(cfg.train.device)
-    model = build_model(cfg.model).to(device)
-    load_weights(model, state, checkpoint_path)
-    run_dir = os.path.dirname(os.path.abspath(checkpoint_path))
-    paths = select_cases(cfg.data.dir, split, os.path.join(run_dir, "split.json"))
+    run_dir = checkpoint_path if os.path.isdir(checkpoint_path) else os.path.dirname(os.path.abspath(checkpoint_path))
+    paths = select_cases(cfg.data.dir, split, split_file(checkpoint_path, files, split))
     out_dir = out_dir or run_dir
     rank, world = distributed.rank(), distributed.world_size()
-    mine = evaluate_cases(model, paths[rank::world], cfg, device, out_dir, save_predictions or predict, overlays,
-                          labelled=not predict)
+    mine = evaluate_cases(members[0].model, paths[rank::world], cfg, device, out_dir, save_predictions or predict,
+                          overlays, labelled=not predict, members=members if len(members) > 1 else None)
     shards = distributed.gather_objects(mine)
     # case i was rank i % world's (i // world)-th: interleave back into the single-process order
     results = [shards[i % world][i // world] for i in range(len(paths))]
@@ -110,10 +119,11 @@ def evaluate_checkpoint(checkpoint_path, split=None, out_dir=None, overrides=Non
         log.info("wrote predictions of %d cases to %s", len(results), os.path.join(out_dir, "predictions"))
         return {"split": split, "cases": len(results), "predicted": [cid for cid, _ in results],
                 "predictions_dir": os.path.join(out_dir, "predictions")}
-    summary = write_reports(out_dir, results, split, {"checkpoint": os.path.abspath(checkpoint_path),
-                                                      "data_dir": os.path.abspath(cfg.data.dir),
-                                                      "task": cfg.data.task},
-                            list(task_regions(cfg.data.task)))
+    about = {"checkpoint": os.path.abspath(checkpoint_path), "data_dir": os.path.abspath(cfg.data.dir),
+             "task": cfg.data.task}
+    if len(files) > 1:
+        about["ensemble"] = [os.path.abspath(f) for f in files]
+    summary = write_reports(out_dir, results, split, about, list(task_regions(cfg.data.task)))
     log.info("wrote %s and %s", os.path.join(out_dir, "per_case.csv"), os.path.join(out_dir, "summary.json"))
     return summary
 
@@ -121,7 +131,8 @@ def evaluate_checkpoint(checkpoint_path, split=None, out_dir=None, overrides=Non
 def main(argv=None):
     pairs, rest = split_args(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, help="path to best.pt or last.pt")
+    parser.add_argument("--checkpoint", required=True,
+                        help="best.pt or last.pt, or a run folder (its best.pt; with fold_<i> folders their ensemble)")
     parser.add_argument("--split", default=None, choices=["test", "val", "all"],
                         help="cases to evaluate (default: the config's eval.split, test unless changed)")
     parser.add_argument("--out", default=None, help="folder for per_case.csv, summary.json, overlays/, predictions/")

@@ -2,10 +2,13 @@
 
     python main.py [--preset NAME] [--config FILE.json] [--section.key VALUE ...]
 
+`--data.folds K --data.fold all` trains K cross-validation folds into RUN/fold_<i> and evaluates
+their ensemble on the test split (docs/evaluation.md).
 With no .h5 files in the default data.dir, a synthetic BraTS-like dataset is generated there first.
 On several GPUs: `torchrun --nproc_per_node=N main.py ...` trains with DDP (see distributed.py).
 """
 import argparse
+import copy
 import json
 import logging
 import os
@@ -29,7 +32,7 @@ from losses import DiceBCELoss
 from model import build_model
 from precision import prepare_model, resolve_device
 from reporting import format_table
-from splits import list_cases, split_cases, validate_cases
+from splits import PARTS, describe_grouping, list_cases, make_split, validate_cases
 from step import make_run
 from train import fit
 
@@ -119,8 +122,7 @@ def run(cfg, resume=None):
         run_dir = os.path.dirname(os.path.abspath(resume[0]))
         split = load_split(run_dir, paths)
     else:  # deterministic: every rank computes the same split
-        split = split_cases([case_id_of(p) for p in paths], cfg.data.val_fraction, cfg.data.test_fraction,
-                            cfg.data.split_seed)
+        split = make_split([case_id_of(p) for p in paths], cfg.data)
     error = None
     if distributed.is_main():
         try:
@@ -162,7 +164,9 @@ def prepare_run_dir(cfg, split, run_dir, n_params):
     """Create (or, resuming, reuse) the run folder and write split.json and config.json; rank 0 only."""
     if run_dir is None:
         run_dir = make_run_dir(cfg.train)
-        write_json(os.path.join(run_dir, "split.json"), split)
+        ids = [c for part in PARTS for c in split[part]]
+        folds = {"fold": int(cfg.data.fold), "folds": cfg.data.folds} if cfg.data.folds else {}
+        write_json(os.path.join(run_dir, "split.json"), {**split, **folds, "grouping": describe_grouping(ids)})
     write_json(os.path.join(run_dir, "config.json"), to_dict(cfg))
     check_writable(run_dir, 3 * 4 * n_params)  # weights + Adam's two moments, fp32
     return run_dir
@@ -176,11 +180,32 @@ def load_split(run_dir, paths):
             split = json.load(f)
     except (OSError, ValueError) as err:
         raise DataError(f"{path}: cannot read the run's split ({err})") from None
-    missing = {c for part in split.values() for c in part} - {case_id_of(p) for p in paths}
+    missing = {c for part in PARTS for c in split[part]} - {case_id_of(p) for p in paths}
     if missing:
         raise DataError(f"{path}: {len(missing)} cases of the run's split are not in the data folder "
                         f"(e.g. {sorted(missing)[:3]})")
     return split
+
+
+def run_folds(cfg):
+    """data.fold all: train fold 0..K-1 one after another, each a normal run in RUN/fold_<i>, then
+    evaluate the ensemble of their best.pt on the test split (which no fold trains or validates on)."""
+    name = distributed.broadcast_object(cfg.train.name or time.strftime("%Y%m%d-%H%M%S"))
+    parent = os.path.join(cfg.train.out_dir, name)
+    taken = distributed.is_main() and os.path.isdir(parent) and os.listdir(parent) and not cfg.train.overwrite
+    if distributed.broadcast_flag(taken):  # every rank stops, not only the one that looked
+        raise FileExistsError(f"{parent}: run folder exists and is not empty; choose another --train.name "
+                              f"or pass --train.overwrite true")
+    for fold in range(cfg.data.folds):
+        fold_cfg = copy.deepcopy(cfg)
+        fold_cfg.data.fold, fold_cfg.train.out_dir, fold_cfg.train.name = str(fold), parent, f"fold_{fold}"
+        log.info("cross-validation: fold %d of %d", fold + 1, cfg.data.folds)
+        run(fold_cfg)
+    if cfg.data.test_fraction > 0:
+        summary = evaluate_checkpoint(parent, "test", parent)  # sharded under DDP
+        if distributed.is_main():
+            print(f"ensemble of {cfg.data.folds} folds:\n{format_table(summary)}")
+    return parent
 
 
 def main(argv=None):
@@ -204,7 +229,10 @@ def main(argv=None):
             resume = (path, state)
         check(cfg, warn=distributed.is_main())
         distributed.init_from_env(cfg.train.device)
-        run(cfg, resume)
+        if cfg.data.folds and cfg.data.fold == "all" and not resume:
+            run_folds(cfg)
+        else:
+            run(cfg, resume)
     except (DataError, CheckpointError, KeyError, ValueError, FileExistsError, OutputError,
             TrainingStopped) as err:
         sys.exit(f"error: {err.args[0] if isinstance(err, KeyError) else err}")

@@ -18,6 +18,7 @@ import sys
 from tqdm import tqdm
 
 import convert
+import nifti
 from cases import CaseFormat, DataError, parse_label_map, write_case
 
 log = logging.getLogger("prepare_data")
@@ -58,7 +59,7 @@ def sources_and_reader(args):
     crop = not getattr(args, "no_crop", False)
     if args.command == "brats":
         convert.require("nibabel", "reading NIfTI")  # fail before the progress bar, not inside it
-        return convert.find_brats(args.src), lambda folder: convert.read_brats(folder, crop)
+        return nifti.find_brats(args.src), lambda folder: nifti.read_brats(folder, crop)
     if args.command == "kaggle-slices":
         modalities = [m.strip() for m in args.modalities.split(",")]
         return convert.find_kaggle_slices(args.src), lambda s: convert.read_kaggle_volume(s, crop, modalities)

@@ -10,6 +10,7 @@ from layout_fixtures import (AFFINE, CHANNEL_BASE, write_generic_h5, write_kaggl
                              write_nifti_case)
 
 import convert  # noqa: E402
+import nifti  # noqa: E402
 import main  # noqa: E402
 import prepare_data  # noqa: E402
 from cases import CaseFormat, read_case, to_original_grid  # noqa: E402
@@ -69,7 +70,7 @@ def test_brats_folder_converts_cropped_transposed_and_in_2018_labels(tmp_path, c
 def test_brats_lone_seg_file_with_another_name_is_found(tmp_path):
     """BraTS20_Training_355 ships its segmentation as W39_1998.09.19_Segm.nii."""
     _, _, labels = write_nifti_case(tmp_path, "BraTS20_Training_355", seg_name="W39_1998.09.19_Segm.nii")
-    case = convert.read_brats(str(tmp_path / "BraTS20_Training_355"))
+    case = nifti.read_brats(str(tmp_path / "BraTS20_Training_355"))
     assert np.array_equal(to_original_grid(case.mask, case.attrs), labels)
 
 
@@ -83,20 +84,20 @@ def test_brats_validation_case_without_seg_converts_image_only(tmp_path):
 def test_rerun_keeps_written_cases_and_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
     for i in range(2):
         write_nifti_case(tmp_path / "src", f"Case_{i}", seed=i)
-    sources = convert.find_brats(str(tmp_path / "src"))
+    sources = nifti.find_brats(str(tmp_path / "src"))
     calls = []
 
     def read_then_interrupt(folder):
         calls.append(folder)
         if len(calls) == 2:
             raise KeyboardInterrupt
-        return convert.read_brats(folder)
+        return nifti.read_brats(folder)
 
     with pytest.raises(KeyboardInterrupt):
         prepare_data.convert_all(sources, read_then_interrupt, str(tmp_path / "out"), overwrite=False)
     assert sorted(os.listdir(tmp_path / "out")) == ["Case_0.h5"]  # whole file, no temporary left behind
     read_case(str(tmp_path / "out" / "Case_0.h5"))
-    written, kept, skipped = prepare_data.convert_all(sources, convert.read_brats, str(tmp_path / "out"), False)
+    written, kept, skipped = prepare_data.convert_all(sources, nifti.read_brats, str(tmp_path / "out"), False)
     assert (written, kept, skipped) == (1, 1, [])
 
 

@@ -1,10 +1,13 @@
-"""Which cases a run uses: listing a folder, the per-case split, the up-front check of every file."""
+"""Which cases a run uses: listing a folder, the split by patient, cross-validation folds, the up-front check
+of every file."""
 import re
 
 import pytest
 
 from cases import CaseFormat, DataError
-from splits import list_cases, split_cases, validate_cases
+from config import DataConfig
+from patients import patient_id
+from splits import PARTS, describe_grouping, fold_patients, list_cases, make_split, split_cases, validate_cases
 
 IDS = [f"c{i:02d}" for i in range(10)]
 
@@ -56,3 +59,43 @@ def test_validate_cases_stops_at_the_first_bad_file(tiny_dataset, tmp_path):
     validate_cases(good, CaseFormat())
     with pytest.raises(DataError, match=f"{bad}: cannot be read as HDF5"):
         validate_cases([*good, str(bad)], CaseFormat())
+
+
+def test_two_scans_of_one_patient_fall_on_one_side():
+    """BraTS 2023 names: every patient's scans stay together whatever the seed; split.json says how."""
+    ids = [f"BraTS-GLI-{p:05d}-{s:03d}" for p in range(12) for s in range(1 + (p % 3 == 0))] + ["case_x"]
+    for seed in range(20):
+        split = split_cases(ids, 0.2, 0.2, seed)
+        sides = {patient_id(c): part for part in PARTS for c in split[part]}
+        assert sorted(c for part in PARTS for c in split[part]) == sorted(ids)
+        assert all(sides[patient_id(c)] == part for part in PARTS for c in split[part])
+        assert len({patient_id(c) for c in split["test"]}) == round(13 * 0.2)  # fractions count patients
+    grouping = describe_grouping(ids)
+    assert grouping["patients"] == 13 and grouping["cases"] == 17
+    assert grouping["multi_scan_patients"]["BraTS-GLI-00000"] == ["BraTS-GLI-00000-000", "BraTS-GLI-00000-001"]
+
+
+def test_names_without_a_patient_part_split_as_before_grouping():
+    """Each such case is its own patient, so any earlier split.json is reproduced."""
+    assert make_split(IDS, DataConfig(val_fraction=0.2, test_fraction=0.2)) == split_cases(IDS, 0.2, 0.2, 0)
+    assert split_cases(IDS, 0.2, 0.2, 0)["test"] == ["c04", "c06"]
+
+
+@pytest.mark.parametrize("folds", [2, 3, 5])
+def test_folds_cover_the_non_test_patients_once_and_keep_the_plain_test_split(folds):
+    ids = [f"BraTS-GLI-{p:05d}-{s:03d}" for p in range(14) for s in range(1 + (p % 4 == 0))]
+    test, parts = fold_patients(ids, 0.15, 3, folds)
+    assert test == split_cases(ids, 0.15, 0.15, 3)["test"] == split_cases(ids, 0.0, 0.15, 3)["test"]
+    assert sorted(c for part in parts for c in part) == sorted(set(ids) - set(test))
+    patients = [{patient_id(c) for c in part} for part in parts]
+    assert sum(map(len, patients)) == len(set().union(*patients))  # no patient in two folds
+    assert max(map(len, patients)) - min(map(len, patients)) <= 1
+    for fold in range(folds):
+        split = make_split(ids, DataConfig(test_fraction=0.15, split_seed=3, folds=folds, fold=str(fold)))
+        assert split["val"] == parts[fold] and split["test"] == test
+        assert sorted(split["train"]) == sorted(set(ids) - set(test) - set(parts[fold]))
+
+
+def test_folds_refuse_too_few_patients():
+    with pytest.raises(DataError, match="3 patients outside the test split are too few for data.folds 5"):
+        fold_patients(["a", "b", "c", "d"], 0.25, 0, 5)

@@ -1,0 +1,125 @@
+"""Several checkpoints predicting one case together: the mean of their region probabilities.
+
+Each member keeps its own config (data.mode, image_size, patch_size, the eval.* prediction keys)
+and predicts at the case's native grid through inference.predict_case, so members trained with
+different plans average voxel for voxel. The first member's eval.* keys (threshold,
+postprocessing) turn the mean into a prediction. A run folder stands for its best.pt or, for a
+cross-validation run (data.fold all), for the best.pt of every fold_<i> in it.
+"""
+import logging
+import os
+import re
+from dataclasses import dataclass
+
+import torch
+
+from checkpoint import CheckpointError, load_checkpoint, load_weights
+from config import Config, build_config, check, from_dict
+from inference import predict_case
+from metrics import score_case, slice_scores
+from model import build_model
+from precision import autocast_dtype, resolve_device
+from scoring import CaseResult, postprocess, scoring_grid
+from transforms import labels_to_regions, task_regions
+
+log = logging.getLogger(__name__)
+FOLD_DIR = re.compile(r"^fold_(\d+)$")
+# what may change at prediction time: the model comes from the checkpoint
+OVERRIDABLE = ("data.", "eval.", "train.device")
+
+
+@dataclass
+class Member:
+    path: str                     # the checkpoint file
+    model: torch.nn.Module        # on the device, in eval mode
+    cfg: Config                   # the checkpoint's config with the prediction-time overrides
+    amp_dtype: torch.dtype | None  # autocast dtype of its forward passes
+    device: torch.device          # where the model is
+
+
+def fold_checkpoints(run_dir):
+    """best.pt of every fold_<i> of a cross-validation run folder, in fold order ([] if none)."""
+    if not os.path.isdir(run_dir):
+        return []
+    folds = sorted((int(m.group(1)), name) for name in os.listdir(run_dir) if (m := FOLD_DIR.match(name)))
+    paths = [os.path.join(run_dir, name, "best.pt") for _, name in folds]
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise CheckpointError(f"{missing[0]}: checkpoint not found; every fold of {run_dir} needs its best.pt")
+    return paths
+
+
+def checkpoint_files(spec):
+    """The checkpoint files a -c / --checkpoint argument names: a file; a run folder's best.pt;
+    or the fold_<i>/best.pt of a cross-validation run folder."""
+    if os.path.isfile(spec):
+        return [spec]
+    if os.path.isfile(os.path.join(spec, "best.pt")):
+        return [os.path.join(spec, "best.pt")]
+    folds = fold_checkpoints(spec)
+    if folds:
+        return folds
+    if os.path.isdir(spec):
+        raise CheckpointError(f"{spec}: run folder holds neither best.pt nor fold_<i>/best.pt")
+    raise CheckpointError(f"{spec}: checkpoint not found")
+
+
+def member_config(state, overrides, path):
+    """A checkpoint's config with data.*, eval.* and train.device overrides, checked."""
+    for key in overrides or {}:
+        if not key.startswith(OVERRIDABLE):
+            raise KeyError(f"--{key}: only data.*, eval.* and train.device can change at prediction "
+                           f"(the model comes from the checkpoint {path})")
+    return check(build_config(dict(overrides or {}), base=from_dict(state["config"])))
+
+
+def load_members(specs, device=None, overrides=None):
+    """Every checkpoint the specs name, rebuilt from its own config on `device` (None: the first
+    one's train.device); they must share a task and input channels, since their probabilities are
+    averaged region by region."""
+    members = []
+    for spec in specs:
+        for path in checkpoint_files(spec):
+            state = load_checkpoint(path)
+            cfg = member_config(state, overrides, path)
+            device = device or resolve_device(cfg.train.device)
+            model = build_model(cfg.model).to(device)
+            load_weights(model, state, path)
+            amp_dtype = autocast_dtype(device, cfg.train.amp, cfg.train.precision)
+            members.append(Member(path, model.eval(), cfg, amp_dtype, device))
+    first = members[0].cfg.data
+    for member in members[1:]:
+        data = member.cfg.data
+        if (data.task, data.channels) != (first.task, first.channels):
+            raise CheckpointError(f"{member.path}: data.task {data.task!r} with {data.channels} channels cannot be "
+                                  f"ensembled with {members[0].path} (data.task {first.task!r}, {first.channels} "
+                                  f"channels)")
+    return members
+
+
+@torch.no_grad()
+def predict_probabilities(members, image, device):
+    """Mean region probabilities (R, *spatial) of the members, each predicting the raw image
+    (C, *spatial) at its native grid with its own config."""
+    total = None
+    for member in members:
+        probs = predict_case(member.model, image, member.cfg, device, member.amp_dtype).float().cpu()
+        total = probs if total is None else total + probs
+    return total / len(members)
+
+
+def evaluate_ensemble_case(members, case, device, with_hd95=True):
+    """scoring.evaluate_case for an ensemble: the mean probabilities thresholded and postprocessed
+    with the first member's eval.* keys, then scored against the case's mask when it has one."""
+    cfg = members[0].cfg
+    task, regions = cfg.data.task, task_regions(cfg.data.task)
+    probs = predict_probabilities(members, case.image, device)
+    pred = postprocess((probs > cfg.eval.threshold).numpy(), cfg.eval, task)
+    if case.mask is None:
+        return CaseResult(probs, pred, None, {})
+    truth = labels_to_regions(case.mask, regions).numpy() > 0.5
+    scores = score_case(scoring_grid(pred, case.attrs), scoring_grid(truth, case.attrs), list(regions),
+                        case.spacing, with_hd95=with_hd95)
+    if task == "binary":
+        scores["slices"] = slice_scores(pred[0], truth[0])
+    return CaseResult(probs, pred, truth, scores)

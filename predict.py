@@ -1,0 +1,134 @@
+"""Predict new patients in one command: a folder of raw cases in, one label map per case out.
+
+    python predict.py -i IN -o OUT -c RUN/best.pt [-c RUN2/best.pt ...] [--mirror] [--device cpu|cuda]
+                      [--no-overlays] [--data.image_key KEY ...]
+
+IN holds BraTS NIfTI case folders (2018-21 or 2023+ file names, directly in IN or nested such as
+HGG/<case>/; read and checked as `prepare_data.py brats` reads them, in memory, nothing converted),
+or .h5 cases (the project's layout, or your own read with data.* keys such as --data.image_key raw).
+No labels are needed. Each case gets OUT/<case>.nii.gz for NIfTI input (the source grid, affine and
+axis order; labels 1 necrosis, 2 edema, 4 enhancing, or 3 when the input used the 2023 names) or
+OUT/<case>.h5, and an overlay OUT/overlays/<case>.png unless --no-overlays. Every file is written
+atomically.
+
+Several -c are an ensemble: the mean of their probabilities, each model predicting with its own
+config (mode, sizes) at the case's native grid, thresholded and postprocessed with the first one's
+eval.* keys. A -c run folder means its best.pt, or for a cross-validation run every fold_<i>/best.pt.
+A case that cannot be read or predicted is reported in one line and skipped; the exit code is 1
+when any was. Under torchrun (`torchrun --nproc_per_node=N predict.py ...`) rank i predicts cases
+i, i+N, ...
+"""
+import argparse
+import glob
+import logging
+import os
+import sys
+
+from tqdm import tqdm
+
+import distributed
+import nifti
+from cases import DataError, case_format, case_id_of, read_case
+from checkpoint import CheckpointError
+from config import split_args
+from convert import require
+from ensemble import load_members, predict_probabilities
+from export import flair_channel, save_label_map, save_overlay
+from postprocess import label_map_regions, to_label_map
+from transforms import task_regions
+
+log = logging.getLogger("predict")
+# the enhancing-tumour label written back, by the naming of the input files (cases.py: label_convention)
+ENHANCING_LABEL = {"2018": 4, "2023": 3}
+
+
+def find_inputs(src, fmt):
+    """[(case_id, source, read)]: the .h5 cases of src, else its BraTS NIfTI case folders;
+    read() returns the unlabelled cases.Case."""
+    if not os.path.isdir(src):
+        raise DataError(f"{src}: input folder does not exist")
+    h5_paths = sorted(glob.glob(os.path.join(src, "*.h5")))
+    if h5_paths:
+        return [(case_id_of(p), p, lambda p=p: read_case(p, fmt, with_mask=False)) for p in h5_paths]
+    try:
+        folders = nifti.find_brats(src)
+    except DataError as err:
+        raise DataError(f"{err}; predict.py reads .h5 cases or BraTS NIfTI case folders") from None
+    require("nibabel", "reading NIfTI")  # fail once, before the progress bar
+    return [(case_id, folder, lambda f=folder: nifti.read_brats(f, crop=True, with_mask=False))
+            for case_id, folder in folders]
+
+
+def predict_one(members, case, out_dir, overlay):
+    """Write the label map (and overlay) of one case; returns the paths written."""
+    cfg = members[0].cfg
+    task = cfg.data.task
+    probs = predict_probabilities(members, case.image, members[0].device)
+    regions = label_map_regions((probs > cfg.eval.threshold).numpy(), task, cfg.eval)
+    enhancing = ENHANCING_LABEL.get(case.attrs.get("label_convention"), cfg.eval.enhancing_label)
+    written = [save_label_map(out_dir, case.case_id, to_label_map(regions, task, enhancing), case.attrs,
+                              case.spacing)]
+    if overlay:
+        written.append(save_overlay(os.path.join(out_dir, "overlays", f"{case.case_id}.png"),
+                                    case.image[flair_channel(case.attrs)], regions, None, case.case_id,
+                                    list(task_regions(task))))
+    return written
+
+
+def predict_all(members, cases, out_dir, overlays=True):
+    """Predict every (case_id, source, read) in turn; returns the one-line reasons of the cases skipped."""
+    failed = []
+    for case_id, source, read in tqdm(cases, desc="predict", unit="case", dynamic_ncols=True,
+                                      disable=not distributed.is_main()):
+        try:
+            predict_one(members, read(), out_dir, overlays)
+        except (DataError, OSError, ValueError) as err:
+            reason = str(err) if source in str(err) else f"{source}: {err}"
+            log.error("skipped %s: %s", case_id, reason)
+            failed.append(f"{case_id}: {reason}")
+    return failed
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-i", "--input", required=True, help="folder of cases: BraTS NIfTI case folders or .h5 files")
+    parser.add_argument("-o", "--output", required=True, help="folder for <case>.nii.gz / <case>.h5 and overlays/")
+    parser.add_argument("-c", "--checkpoint", action="append", required=True,
+                        help="best.pt, or a run folder (its best.pt or its fold_<i>/best.pt); repeat to ensemble")
+    parser.add_argument("--mirror", action="store_true", help="test-time augmentation: average over axis flips")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                        help="where to predict (default: each checkpoint's train.device, CUDA when available)")
+    parser.add_argument("--no-overlays", dest="overlays", action="store_false", help="write no overlay PNGs")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    pairs, rest = split_args(sys.argv[1:] if argv is None else argv)
+    args = parse_args(rest)
+    logging.basicConfig(level=logging.INFO if distributed.is_main() else logging.WARNING, format="%(message)s")
+    if args.mirror:
+        pairs["eval.mirror"] = "true"
+    if args.device:
+        pairs["train.device"] = args.device
+    try:
+        context = distributed.init_from_env(pairs.get("train.device", "auto"))
+        members = load_members(args.checkpoint, context.device, pairs)
+        cases = find_inputs(args.input, case_format(members[0].cfg.data))
+        os.makedirs(args.output, exist_ok=True)
+        log.info("predicting %d cases with %d model(s) on %s", len(cases), len(members), context.device)
+        rank, world = distributed.rank(), distributed.world_size()
+        failed = predict_all(members, cases[rank::world], args.output, args.overlays)
+        failed = [reason for shard in distributed.gather_objects(failed) for reason in shard]
+    except (DataError, CheckpointError, KeyError, ValueError, ImportError, OSError, RuntimeError) as err:
+        sys.exit(f"error: {err.args[0] if isinstance(err, KeyError) else err}")
+    finally:
+        distributed.cleanup()
+    if distributed.is_main():
+        print(f"predicted {len(cases) - len(failed)} of {len(cases)} cases into {args.output}"
+              + "".join(f"\n  skipped {reason}" for reason in failed))
+    if failed:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
