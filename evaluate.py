@@ -4,9 +4,12 @@
                        [--save-predictions] [--save-probabilities] [--no-overlays] [--predict]
 
 The model is rebuilt from the config stored in the checkpoint; data.* and eval.* keys can be
-overridden on the command line. --split defaults to the config's eval.split (test unless changed). Writes per_case.csv and summary.json (means, std and median over
-cases of Dice, IoU, sensitivity, specificity and HD95 per region) to --out (default: the
-checkpoint's folder), prints a table, and draws an overlay PNG per case in --out/overlays.
+overridden on the command line, and the postprocessing chosen on the validation cases after
+training (stored in the checkpoint, see postselect.py) applies unless an eval.* key given here
+overrides it. --split defaults to the config's eval.split (test unless changed). Writes
+per_case.csv and summary.json (means, std and median over cases of Dice, IoU, sensitivity,
+specificity and HD95 per region) to --out (default: the checkpoint's folder), prints a table,
+and draws an overlay PNG per case in --out/overlays.
 Binary tasks (data.task binary, e.g. Kaggle LGG) are scored per patient: each patient's slices
 stacked into one volume, voxel counts summed, Dice and IoU from those counts (the headline; no
 HD95, whose empty-case value is BraTS's); beside it, under "per_slice", Dice and IoU averaged over
@@ -30,9 +33,10 @@ from tqdm import tqdm
 import distributed
 from cases import DataError, case_format, case_id_of, read_case
 from checkpoint import CheckpointError, load_checkpoint, load_weights
-from config import build_config, check, from_dict, split_args
+from config import build_config, check, split_args
 from export import export_case
 from model import build_model
+from postselect import settings_of, stored_config
 from precision import autocast_dtype, resolve_device
 from reporting import format_table, write_reports
 from scoring import evaluate_case
@@ -85,7 +89,7 @@ def evaluate_checkpoint(checkpoint_path, split=None, out_dir=None, overrides=Non
     summary only lists them. Under torchrun every rank calls this and scores its share of the cases;
     rank 0 writes the reports and returns the summary, the other ranks return None."""
     state = load_checkpoint(checkpoint_path)
-    cfg = from_dict(state["config"])
+    cfg = stored_config(state)  # with the postprocessing chosen after training; the overrides win
     for key in overrides or {}:
         if not key.startswith(("data.", "eval.", "train.device")):
             raise KeyError(f"--{key}: only data.*, eval.* and train.device can change at evaluation "
@@ -112,7 +116,8 @@ def evaluate_checkpoint(checkpoint_path, split=None, out_dir=None, overrides=Non
                 "predictions_dir": os.path.join(out_dir, "predictions")}
     summary = write_reports(out_dir, results, split, {"checkpoint": os.path.abspath(checkpoint_path),
                                                       "data_dir": os.path.abspath(cfg.data.dir),
-                                                      "task": cfg.data.task},
+                                                      "task": cfg.data.task,
+                                                      "postprocessing": settings_of(cfg.eval)},
                             list(task_regions(cfg.data.task)))
     log.info("wrote %s and %s", os.path.join(out_dir, "per_case.csv"), os.path.join(out_dir, "summary.json"))
     return summary
