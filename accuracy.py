@@ -138,6 +138,10 @@ def run(pairs, recipes, folds, work):
         train_dir = link_cases(os.path.join(fold_dir, "train_cases"), [p for p in paths if case_id_of(p) not in test])
         test_dir = link_cases(os.path.join(fold_dir, "test_cases"), [p for p in paths if case_id_of(p) in test])
         for name in recipes:
+            overridden = sorted(set(RECIPES[name]) & set(passed))
+            if overridden and fold == 0:
+                log.warning("recipe %s: %s given on the command line replace the recipe's own", name,
+                            ", ".join(overridden))
             log.info("fold %d/%d, recipe %s: training for %g minutes, testing on %d cases", fold + 1, len(tests),
                      name, cfg.train.max_minutes, len(test))
             case_rows, used = train_and_test({**RECIPES[name], **passed}, train_dir, test_dir,

@@ -255,6 +255,9 @@ def main(argv=None):
     parser.add_argument("--case-shape", default="240,240,155", help="whole case for inference (D,H,W)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", default="bench.json")
+    parser.add_argument("--accuracy", action="store_true",
+                        help="measure accuracy instead: train recipes for --train.max_minutes and score held-out "
+                             "cases (accuracy.py; its flags: --recipe, --folds, --work, --out; see --accuracy --help)")
     args = parser.parse_args(rest)
     if args.threads:
         torch.set_num_threads(args.threads)
