@@ -156,8 +156,8 @@ def _choose_and_store(best_path, val_paths, run_dir, device):
     state = load_checkpoint(best_path)
     cfg = from_dict(state["config"])
     if not cfg.eval.choose_postprocessing or not val_paths:
-        log.info("postprocessing: not chosen (%s)", "no validation cases" if cfg.eval.choose_postprocessing
-                 else "eval.choose_postprocessing is false")
+        log.info("postprocessing: not chosen (%s)", "data.val_fraction 0: nothing to choose it on"
+                 if cfg.eval.choose_postprocessing else "eval.choose_postprocessing is false")
         return None
     model = build_model(cfg.model).to(device)
     load_weights(model, state, best_path)
