@@ -6,10 +6,11 @@ Prints a table and writes bench.json. Every figure is a median over repeats afte
 two things are compared (ours and MONAI, a fast path on and off) they run interleaved, A B A B,
 so a shared machine's load drifts over both alike. Config overrides (e.g. --train.precision fp32)
 choose what "ours" runs, exactly as main.py would train it.
+`python bench.py --accuracy --data.dir DIR --train.max_minutes 25` measures accuracy instead:
+recipes trained for the same budget and scored on held-out real cases (accuracy.py).
 """
 import argparse
 import json
-import statistics
 import tempfile
 import time
 
@@ -23,57 +24,9 @@ from losses import DiceBCELoss
 from model import build_model
 from precision import autocast, autocast_dtype, cpu_has_fast_bf16, prepare_model, resolve_device
 from step import make_run, train_step
+from timing import interleaved, peak_mib, reset_peak
 
 CASE_SHAPE = (240, 240, 155)  # a BraTS case at 1 mm
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device):
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
-
-
-def interleaved(fns, device, repeats, warmup=1):
-    """{name: median seconds}, running the callables in turn (A B A B ...) after `warmup` rounds each."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            times[name].append(timed(fn, device))
-    return {name: statistics.median(t) for name, t in times.items()}
-
-
-def reset_peak(device):
-    """Start a new peak-memory window: CUDA allocator stats, or the process's peak RSS (Linux)."""
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        return
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-    except OSError:
-        pass
-
-
-def peak_mib(device):
-    """Peak memory since reset_peak: CUDA allocated bytes, or the process's VmHWM on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2 ** 20
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
-    except (OSError, StopIteration):
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 # --- the ceiling ------------------------------------------------------------------------------------------
@@ -290,7 +243,11 @@ def format_table(out):
 
 def main(argv=None):
     import sys
-    pairs, rest = split_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if "--accuracy" in argv:  # trains and evaluates recipes: a benchmark of its own, accuracy.py
+        import accuracy
+        return accuracy.main([arg for arg in argv if arg != "--accuracy"])
+    pairs, rest = split_args(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats, inference timed on a crop (< 3 min on 2 cores)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -298,6 +255,9 @@ def main(argv=None):
     parser.add_argument("--case-shape", default="240,240,155", help="whole case for inference (D,H,W)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--out", default="bench.json")
+    parser.add_argument("--accuracy", action="store_true",
+                        help="measure accuracy instead: train recipes for --train.max_minutes and score held-out "
+                             "cases (accuracy.py; its flags: --recipe, --folds, --work, --out; see --accuracy --help)")
     args = parser.parse_args(rest)
     if args.threads:
         torch.set_num_threads(args.threads)

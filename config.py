@@ -122,6 +122,10 @@ class EvalConfig:
                                        # region, as mateuszbuda's LGG reference does
     enhancing_label: int = 4           # label written for enhancing tumour in exported maps (3 for BraTS 2023+)
     save_probabilities: bool = False   # with --save-predictions, also write region probabilities (.npz)
+    min_component_voxels: int = 0      # remove tumour components (face-connected, all their labels) below this
+                                       # many voxels (0: off)
+    choose_postprocessing: bool = True  # after training, choose the postprocessing keys on the validation
+                                        # cases and store them in best.pt (postselect.py)
 
 
 @dataclass

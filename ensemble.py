@@ -14,10 +14,11 @@ from dataclasses import dataclass
 import torch
 
 from checkpoint import CheckpointError, load_checkpoint, load_weights
-from config import Config, build_config, check, from_dict
+from config import Config, build_config, check
 from inference import predict_case
 from metrics import score_case, slice_scores
 from model import build_model
+from postselect import stored_config
 from precision import autocast_dtype, resolve_device
 from scoring import CaseResult, postprocess, scoring_grid
 from transforms import labels_to_regions, task_regions
@@ -70,7 +71,8 @@ def member_config(state, overrides, path):
         if not key.startswith(OVERRIDABLE):
             raise KeyError(f"--{key}: only data.*, eval.* and train.device can change at prediction "
                            f"(the model comes from the checkpoint {path})")
-    return check(build_config(dict(overrides or {}), base=from_dict(state["config"])))
+    # the postprocessing chosen after training (postselect) applies unless an override names the key
+    return check(build_config(dict(overrides or {}), base=stored_config(state)))
 
 
 def load_members(specs, device=None, overrides=None):

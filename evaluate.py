@@ -4,9 +4,12 @@
                        [--save-predictions] [--save-probabilities] [--no-overlays] [--predict]
 
 The model is rebuilt from the config stored in the checkpoint; data.* and eval.* keys can be
-overridden on the command line. --split defaults to the config's eval.split (test unless changed). Writes per_case.csv and summary.json (means, std and median over
-cases of Dice, IoU, sensitivity, specificity and HD95 per region) to --out (default: the
-checkpoint's folder), prints a table, and draws an overlay PNG per case in --out/overlays.
+overridden on the command line, and the postprocessing chosen on the validation cases after
+training (stored in the checkpoint, see postselect.py) applies unless an eval.* key given here
+overrides it. --split defaults to the config's eval.split (test unless changed). Writes
+per_case.csv and summary.json (means, std and median over cases of Dice, IoU, sensitivity,
+specificity and HD95 per region) to --out (default: the checkpoint's folder), prints a table,
+and draws an overlay PNG per case in --out/overlays.
 Binary tasks (data.task binary, e.g. Kaggle LGG) are scored per patient: each patient's slices
 stacked into one volume, voxel counts summed, Dice and IoU from those counts (the headline; no
 HD95, whose empty-case value is BraTS's); beside it, under "per_slice", Dice and IoU averaged over
@@ -35,6 +38,7 @@ from checkpoint import CheckpointError
 from config import split_args
 from ensemble import checkpoint_files, evaluate_ensemble_case, load_members
 from export import export_case
+from postselect import settings_of
 from precision import autocast_dtype
 from reporting import format_table, write_reports
 from scoring import evaluate_case
@@ -123,6 +127,7 @@ def evaluate_checkpoint(checkpoint_path, split=None, out_dir=None, overrides=Non
              "task": cfg.data.task}
     if len(files) > 1:
         about["ensemble"] = [os.path.abspath(f) for f in files]
+    about["postprocessing"] = settings_of(cfg.eval)
     summary = write_reports(out_dir, results, split, about, list(task_regions(cfg.data.task)))
     log.info("wrote %s and %s", os.path.join(out_dir, "per_case.csv"), os.path.join(out_dir, "summary.json"))
     return summary

@@ -30,6 +30,7 @@ from evaluate import evaluate_checkpoint
 from guards import TrainingStopped
 from losses import DiceBCELoss
 from model import build_model
+from postselect import choose_for_checkpoint
 from precision import prepare_model, resolve_device
 from reporting import format_table
 from splits import PARTS, describe_grouping, list_cases, make_split, validate_cases
@@ -149,6 +150,7 @@ def run(cfg, resume=None):
         print(f"stopped by {signal.Signals(stopped_by).name}; last.pt written. Continue with:\n"
               f"  python main.py --resume {run_dir}")
         sys.exit(128 + stopped_by)
+    choose_for_checkpoint(best_path, val_paths, run_dir, device)  # postprocessing, on the validation cases
     if split["test"]:
         summary = evaluate_checkpoint(best_path, "test", run_dir, device=device)  # sharded under DDP
         if distributed.is_main():

@@ -5,6 +5,8 @@ outside WT. The exported file is the label map (WT -> 2, TC -> 1, ET -> 4, the m
 region winning), and BraTS scores that file, so evaluation must score the regions of the label map,
 not the raw channels: `label_map_regions` builds the map, postprocesses it in label space and
 returns its regions, nested ET within TC within WT. A binary task (one channel) is a 0/1 map.
+The label-space operations, each driven by an eval.* key (0 / false: off): keep_largest_tumour,
+remove_small_tumours, relabel_small_enhancing; postselect.py chooses them on the validation cases.
 `remove_small_enhancing` and `keep_largest_component` are the older channel-space versions.
 """
 import numpy as np
@@ -48,13 +50,30 @@ def keep_largest_tumour(labels):
     return np.where(components == largest, labels, 0).astype(np.asarray(labels).dtype)
 
 
+def remove_small_tumours(labels, min_voxels):
+    """Every face-connected component of the whole tumour (labels > 0) smaller than `min_voxels`
+    voxels is cleared with all its labels (nnU-Net's small-component removal, the cure for a stray
+    false positive far from the tumour); 0 keeps every component. Returns a new map."""
+    labels = np.array(labels)
+    if min_voxels <= 0:
+        return labels
+    components, count = ndimage.label(labels > 0)
+    if count == 0:
+        return labels
+    small = np.flatnonzero(np.bincount(components.ravel()) < min_voxels)
+    labels[np.isin(components, small[small > 0])] = 0
+    return labels
+
+
 def postprocess_labels(labels, task, eval_cfg):
-    """The configured postprocessing (eval.postprocess_et_min, eval.largest_component) of a label
-    map with the project's labels (ET = 4)."""
-    if task == "brats":
-        labels = relabel_small_enhancing(labels, eval_cfg.postprocess_et_min)
+    """The configured postprocessing of a label map with the project's labels (ET = 4): tumour
+    components first (eval.largest_component, eval.min_component_voxels), so the ET rule
+    (eval.postprocess_et_min) counts only the enhancing tumour that is kept."""
     if eval_cfg.largest_component:
         labels = keep_largest_tumour(labels)
+    labels = remove_small_tumours(labels, eval_cfg.min_component_voxels)
+    if task == "brats":
+        labels = relabel_small_enhancing(labels, eval_cfg.postprocess_et_min)
     return labels
 
 

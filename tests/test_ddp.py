@@ -26,7 +26,7 @@ TINY = ["--data.image_size", "16", "--model.base_channels", "4", "--model.depth"
         "--train.batch_size", "2", "--data.val_fraction", "0.2", "--data.test_fraction", "0.2"]
 MARK = "DDP-TEST-WRITE"
 OUTPUTS = {"config.json", "split.json", "metrics.csv", "curves.png", "last.pt", "last.prev.pt", "best.pt",
-           "summary.json", "per_case.csv"}
+           "summary.json", "per_case.csv", "postprocessing.json"}
 
 
 def launch(tmp, script, *args, procs=2):

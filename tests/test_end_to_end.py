@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from config import build_config
 from conftest import ROOT
@@ -21,8 +22,10 @@ def test_two_epoch_run_writes_every_output(tiny_dataset, tmp_path):
                         "train.name": "smoke"})
     run_dir = run(cfg)
     for name in ("config.json", "split.json", "last.pt", "best.pt", "metrics.csv", "curves.png",
-                 "summary.json", "per_case.csv"):
+                 "summary.json", "per_case.csv", "postprocessing.json"):
         assert os.path.isfile(os.path.join(run_dir, name)), name
+    chosen = json.load(open(os.path.join(run_dir, "postprocessing.json")))["chosen"]
+    assert torch.load(os.path.join(run_dir, "best.pt"), weights_only=True)["postprocessing"] == chosen
     rows = list(csv.DictReader(open(os.path.join(run_dir, "metrics.csv"))))
     assert [r["epoch"] for r in rows] == ["1", "2"]
     assert set(rows[0]) >= {"train_loss", "val_loss", "val_dice_wt", "val_dice_tc", "val_dice_et", "lr", "seconds"}

@@ -1,0 +1,67 @@
+"""The accuracy benchmark: patient-level test sets, and one tiny recipe trained and scored end to end."""
+import json
+import os
+
+import pytest
+
+import accuracy
+import bench
+from cases import case_id_of
+from splits import list_cases
+
+SCANS = ["BraTS-GLI-00001-000", "BraTS-GLI-00001-001", "BraTS-GLI-00002-000", "BraTS-GLI-00003-000",
+         "BraTS-GLI-00004-000", "BraTS-GLI-00005-000", "BraTS-GLI-00005-001", "BraTS-GLI-00006-000"]
+
+
+def patient(case_id):
+    return case_id.rsplit("-", 1)[0]
+
+
+def test_one_test_set_holds_about_30_percent_of_the_patients_whole():
+    (test,) = accuracy.patient_folds(SCANS, seed=3)
+    assert len({patient(c) for c in test}) == 2                    # round(6 patients * 0.3)
+    assert all(c in test for c in SCANS if patient(c) in {patient(t) for t in test})
+    assert accuracy.patient_folds(SCANS, seed=3) == [test]         # a pure function of the seed
+
+
+@pytest.mark.parametrize("folds", [2, 3, 6])
+def test_folds_cover_every_patient_once(folds):
+    tests = accuracy.patient_folds(SCANS, folds)
+    assert len(tests) == folds and sorted(c for t in tests for c in t) == sorted(SCANS)
+    for a in range(folds):
+        for b in range(a + 1, folds):
+            assert not {patient(c) for c in tests[a]} & {patient(c) for c in tests[b]}
+
+
+def test_impossible_folds_are_refused():
+    with pytest.raises(ValueError, match="--folds 7: choose 2 to 6"):
+        accuracy.patient_folds(SCANS, 7)
+    with pytest.raises(ValueError, match="too few"):
+        accuracy.patient_folds(["a", "b"], 2)
+
+
+def test_a_tiny_recipe_is_trained_scored_and_tabled(tiny_dataset, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the training processes, on a shared machine
+    work = tmp_path / "work"
+    result = bench.main(["--accuracy", "--data.dir", tiny_dataset, "--train.max_minutes", "0.05",
+                         "--recipe", "planned", "--work", str(work), "--data.image_size", "16",
+                         "--model.base_channels", "4", "--model.depth", "2", "--train.epochs", "1"])
+    saved = json.load(open(work / "accuracy.json"))
+    assert saved == json.loads(json.dumps(result))
+    (test,) = saved["test_sets"]
+    assert len(test) == 2 and set(test) < {case_id_of(p) for p in list_cases(tiny_dataset)}
+    planned = saved["recipes"]["planned"]
+    assert planned["cases"] == 2 and [row["case"] for row in planned["per_case"]] == test
+    for region in ("WT", "TC", "ET"):
+        assert 0 <= planned["dice"][region] <= 1 and 0 <= planned["hd95"][region] <= 373.13
+    assert planned["minutes"] > 0 and saved["overrides"]["data.image_size"] == "16"
+    assert sorted(os.listdir(work / "fold0" / "test_cases")) == [f"{c}.h5" for c in test]
+    assert os.path.isfile(work / "fold0" / "planned" / "train" / "best.pt")
+    table = capsys.readouterr().out
+    assert table.splitlines()[0].split()[:4] == ["recipe", "Dice", "WT", "TC"]
+    assert table.splitlines()[1].startswith("planned") and f"{planned['dice']['WT']:.3f}" in table
+
+
+def test_a_run_without_a_budget_is_refused(tiny_dataset, tmp_path):
+    with pytest.raises(SystemExit, match="train.max_minutes"):
+        accuracy.main(["--data.dir", tiny_dataset, "--work", str(tmp_path)])
