@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+import fingerprint
 import plan
 from cases import CaseFormat, write_case
 from config import ModelConfig
@@ -178,7 +179,7 @@ def test_fingerprint_of_three_tiny_cases(tmp_path):
     shapes = [(20, 24, 22), (18, 26, 20), (22, 22, 24)]
     spacings = [(1.0, 1.0, 1.0), (1.2, 1.0, 1.0), (1.0, 0.9, 1.0)]
     paths = write_cases(str(tmp_path), shapes, spacings)
-    fp = plan.fingerprint(paths, CaseFormat())
+    fp = fingerprint.fingerprint(paths, CaseFormat())
     assert fp["n_cases"] == 3
     assert fp["median_shape"] == [20, 24, 22] and fp["median_spacing"] == [1.0, 1.0, 1.0]
     assert fp["cases_without_region"] == {"WT": 0, "TC": 0, "ET": 1}
@@ -193,7 +194,7 @@ def test_fingerprint_of_three_tiny_cases(tmp_path):
     assert len(fp["intensity"]) == 4 and fp["intensity"][2]["p99_5"] > fp["intensity"][2]["p00_5"]
     assert fp["smallest_region"]["name"] == "ET"
     assert fp["smallest_region"]["share"] == min(fp["median_region_share"].values())
-    assert plan.fingerprint(list(reversed(paths)), CaseFormat()) == fp  # deterministic, order-free
+    assert fingerprint.fingerprint(list(reversed(paths)), CaseFormat()) == fp  # deterministic, order-free
     json.dumps(fp)
 
 
@@ -201,12 +202,12 @@ def test_fingerprint_names_a_bad_file(tmp_path):
     bad = tmp_path / "broken.h5"
     bad.write_bytes(b"not hdf5")
     with pytest.raises(ValueError, match="broken.h5"):
-        plan.fingerprint([str(bad)], CaseFormat())
+        fingerprint.fingerprint([str(bad)], CaseFormat())
 
 
 def test_measure_speed_gives_a_table_the_planner_reads():
     model_cfg = ModelConfig(base_channels=4, depth=2)
-    speed = plan.measure_speed(model_cfg, "cpu", sizes=((16, 16, 16), (8, 16, 16)), batch_size=1, repeats=1)
+    speed = fingerprint.measure_speed(model_cfg, "cpu", sizes=((16, 16, 16), (8, 16, 16)), batch_size=1, repeats=1)
     assert speed["device"] == "cpu" and speed["batch_size"] == 1 and speed["depth"] == 2
     assert [(p["base_channels"], p["size"], p["voxels"]) for p in speed["points"]] == \
         [(4, [16, 16, 16], 4096), (4, [8, 16, 16], 2048)]
