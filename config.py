@@ -44,7 +44,8 @@ class DataConfig:
     split_seed: int = 0                # seed of the per-case split (saved as split.json in the run)
     num_workers: int = -1              # DataLoader workers; -1: 0 on CPU (workers would steal the cores
                                        # the step needs), min(4, cores) on CUDA
-    cache_gb: float = 2.0              # keep normalised, resized cases in memory up to this size (resize mode)
+    cache_gb: float = 2.0              # keep normalised, resized (resampled) cases in memory up to this size
+                                       # (resize mode; patch mode at a data.spacing coarser than the case's)
     augment: bool = True               # training augmentation on/off
     flip_prob: float = 0.5             # probability of a flip, per axis
     rot90_prob: float = 0.5            # probability of a random 90-degree turn in the axial plane

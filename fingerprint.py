@@ -90,11 +90,13 @@ def _time(fn, device, repeats):
 
 
 def measure_speed(model_cfg, device, sizes=SPEED_SIZES, batch_size=BATCH_SIZE, widths=None, repeats=2,
-                  amp_dtype=None, prepare=None, seed=0):
+                  amp_dtype=None, prepare=None, seed=0, max_seconds=None):
     """Time real training steps (forward, Dice+BCE loss, backward, Adam step) and no-grad forwards
     at each sample size and network width, after one warm-up each. model_cfg: a ModelConfig or a
     dict of its fields; widths: base_channels to time (default: model_cfg's); prepare: optional
-    model -> model (e.g. train.prepare_model) so the timing sees the layout training uses.
+    model -> model (e.g. train.prepare_model) so the timing sees the layout training uses;
+    max_seconds: time no further size of a width once its sizes so far took this long (a slow or busy
+    device still gets at least one point per width; give the sizes smallest first).
     Returns the speed table {"device", "batch_size", "depth", "points": [...]}."""
     model_cfg = ModelConfig(**model_cfg) if isinstance(model_cfg, dict) else model_cfg
     device = torch.device(device)
@@ -105,7 +107,13 @@ def measure_speed(model_cfg, device, sizes=SPEED_SIZES, batch_size=BATCH_SIZE, w
         model = prepare(model) if prepare else model
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
         loss_fn = DiceBCELoss()
+        width_start = time.perf_counter()
         for size in sizes:
+            timed = [p for p in points if p["base_channels"] == width]
+            if timed and max_seconds is not None and time.perf_counter() - width_start > max_seconds:
+                log.info("speed: width %d timed at %d of %d sizes (max_seconds %g)", width, len(timed), len(sizes),
+                         max_seconds)
+                break
             image = torch.randn(batch_size, model_cfg.in_channels, *size, device=device)
             target = (torch.rand(batch_size, model_cfg.out_channels, *size, device=device) > 0.9).float()
 

@@ -223,3 +223,9 @@ def test_every_planned_key_says_why():
         assert set(p["why"]) >= set(p["values"]) and all(p["why"][key] for key in p["values"])
     implied = plan.plan_recipe(FINGERPRINTS["brats 1 mm"], 25, SPEEDS["cpu"], {"data.patch_size": 64})
     assert implied["why"]["data.mode"] == "implied by the explicit data.patch_size"
+
+
+def test_measure_speed_stops_timing_sizes_after_max_seconds_but_keeps_one_per_width():
+    speed = fingerprint.measure_speed(ModelConfig(base_channels=2, depth=1), "cpu", sizes=((8, 8, 8), (16, 16, 16)),
+                                      batch_size=1, widths=(2, 4), repeats=1, max_seconds=0)
+    assert [(p["base_channels"], p["size"]) for p in speed["points"]] == [(2, [8, 8, 8]), (4, [8, 8, 8])]
