@@ -229,3 +229,42 @@ def test_measure_speed_stops_timing_sizes_after_max_seconds_but_keeps_one_per_wi
     speed = fingerprint.measure_speed(ModelConfig(base_channels=2, depth=1), "cpu", sizes=((8, 8, 8), (16, 16, 16)),
                                       batch_size=1, widths=(2, 4), repeats=1, max_seconds=0)
     assert [(p["base_channels"], p["size"]) for p in speed["points"]] == [(2, [8, 8, 8]), (4, [8, 8, 8])]
+
+
+# ------------------------------------------------------------------------------------- end to end
+
+def test_main_with_a_budget_plans_trains_evaluates_and_keeps_explicit_keys(tiny_dataset, tmp_path, monkeypatch):
+    import main
+    from checkpoint import load_checkpoint
+    main.main(["--data.dir", tiny_dataset, "--train.max_minutes", "0.1", "--train.out_dir", str(tmp_path),
+               "--train.name", "planned", "--model.base_channels", "4", "--train.batch_size", "3",
+               "--data.num_workers", "0"])
+    run_dir = tmp_path / "planned"
+    saved = json.loads((run_dir / "plan.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text())
+    values = saved["values"]
+    assert values["train.schedule"] == "poly" and values["train.batch_dice"] is True and values["train.epochs"] == 0
+    for key in ("model.base_channels", "train.batch_size"):  # explicit keys win, end to end
+        assert saved["why"][key] == "set explicitly" and saved["inputs"]["explicit"][key] in (4, 3)
+    assert (config["model"]["base_channels"], config["train"]["batch_size"]) == (4, 3)
+    for key, value in values.items():  # config.json (what evaluation rebuilds) is the planned config
+        section, name = key.split(".")
+        assert config[section][name] == value, key
+    assert config["data"]["image_size" if values["data.mode"] == "resize" else "patch_size"] is not None
+    state = load_checkpoint(str(run_dir / "best.pt"))
+    assert state["config"] == config and state["scheduler"] is None
+    assert (run_dir / "summary.json").is_file()  # evaluated
+    assert saved["inputs"]["budget_minutes"] < 0.1  # the measurement counted against the budget
+    # a resumed run keeps the saved plan: its config is the checkpoint's, nothing is measured again
+    monkeypatch.setattr(main, "measure_speed", lambda *a, **k: pytest.fail("resume measured the speed again"))
+    main.main(["--resume", str(run_dir)])
+    assert json.loads((run_dir / "plan.json").read_text()) == saved
+    assert json.loads((run_dir / "config.json").read_text()) == config
+
+
+def test_no_plan_without_a_budget_or_with_plan_off(tiny_dataset):
+    import main
+    cfg = main.build_config({"data.dir": tiny_dataset, "train.max_minutes": "0.05", "train.plan": "off"})
+    assert main.make_plan(cfg, {}, {"train": [], "val": []}, None, 0) is None  # off: nothing planned or measured
+    cfg.train.plan, cfg.train.max_minutes = "auto", 0
+    assert main.make_plan(cfg, {}, {"train": [], "val": []}, None, 0) is None  # no budget: nothing planned
