@@ -41,10 +41,11 @@ from train import fit
 
 log = logging.getLogger("main")
 
-# Sample sides timed before planning (rounded to multiples of 2**model.depth), smallest first: the
-# CPU's small enough for 2 cores, the GPU's large enough to leave the launch-overhead regime. No
-# further side is timed once SPEED_SECONDS have gone (a busy 2-core CPU took 10-50 s for all three).
-SPEED_SIDES = {"cpu": (16, 24, 32), "cuda": (32, 64, 96)}
+# Sample sides timed before planning (rounded to multiples of 2**model.depth), smallest first, near
+# the sizes the planner weighs: 16-24^3 steps on a busy 2-core CPU were overhead and noise, and a
+# line through them put a 64x80x64 step at 22 s (the issue measured ~1.2 s at 80x96x80). No
+# further side is timed once SPEED_SECONDS have gone, so a slow or busy device stays near 5 s.
+SPEED_SIDES = {"cpu": (32, 48, 64), "cuda": (64, 96, 128)}
 SPEED_SECONDS = 5.0
 
 
