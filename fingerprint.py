@@ -2,6 +2,7 @@
 
   fingerprint(paths, fmt)              what the training cases look like: a plain dict
   measure_speed(model_cfg, device)     seconds per training step at a few sizes: the speed table
+  fit_speed(speed)                     a line per width through it: seconds = a + b * voxels
 
 plan.plan_recipe turns both, with the time budget, into the recipe to train with.
 """
@@ -17,12 +18,14 @@ from cases import read_case
 from config import ModelConfig
 from losses import DiceBCELoss
 from model import build_model
-from plan import BATCH_SIZE
 from transforms import labels_to_regions, task_regions
 
 log = logging.getLogger(__name__)
 
 SPEED_SIZES = ((32, 32, 32), (48, 48, 48), (64, 64, 64))  # sample sizes measure_speed times by default
+# Batch of 2 as nnU-Net in 3D: under a time budget a larger batch buys fewer steps, and instance
+# norm needs no batch statistics. The planner plans it; the speed table times it.
+BATCH_SIZE = 2
 
 # ------------------------------------------------------------------------------------ fingerprint
 
@@ -139,3 +142,33 @@ def measure_speed(model_cfg, device, sizes=SPEED_SIZES, batch_size=BATCH_SIZE, w
                       step_s, forward_s)
     return {"device": str(device), "precision": str(amp_dtype or torch.float32).replace("torch.", ""),
             "batch_size": batch_size, "depth": model_cfg.depth, "points": points}
+
+
+# ------------------------------------------------------------------------------------ speed fits
+
+def fit_line(voxels, seconds):
+    """(intercept s, slope s/voxel) of a least-squares line; through the origin when the line
+    would have a negative intercept or slope (timing noise at small sizes)."""
+    v, t = np.asarray(voxels, np.float64), np.asarray(seconds, np.float64)
+    if len(v) >= 2 and np.ptp(v) > 0:
+        slope, intercept = np.polyfit(v, t, 1)
+        if slope > 0 and intercept >= 0:
+            return float(intercept), float(slope)
+    return 0.0, float((t * v).sum() / (v * v).sum())
+
+
+def fit_speed(speed):
+    """{base_channels: {"step": (a, b), "forward": (a, b)}}: seconds = a + b * voxels in the batch."""
+    widths = sorted({p["base_channels"] for p in speed["points"]})
+    fits = {}
+    for width in widths:
+        points = [p for p in speed["points"] if p["base_channels"] == width]
+        voxels = [p["voxels"] for p in points]
+        fits[width] = {"step": fit_line(voxels, [p["step_seconds"] for p in points]),
+                       "forward": fit_line(voxels, [p["forward_seconds"] for p in points])}
+    return fits
+
+
+def seconds_at(line, voxels):
+    """Seconds a fitted line (fit_speed) gives for a batch of `voxels`."""
+    return line[0] + line[1] * voxels

@@ -17,9 +17,8 @@ A key given explicitly is taken as given and the rest is planned around it.
 import math
 import os
 
-import numpy as np
-
 from atomic import write_json
+from fingerprint import BATCH_SIZE, fit_speed, seconds_at
 from transforms import resampled_shape
 
 # The issue's data point: at 25 CPU-minutes the whole brain at ~1.75 mm (80x96x80, batch 2) ran
@@ -36,9 +35,6 @@ VOXEL_CAP = 128 ** 3
 # Downsample until the smallest axis of the bottleneck is 4 voxels (as nnU-Net), at most 5 times.
 MIN_BOTTLENECK = 4
 MAX_DEPTH = 5
-# Batch of 2 as nnU-Net in 3D: under a time budget a larger batch buys fewer steps, and instance
-# norm needs no batch statistics.
-BATCH_SIZE = 2
 VAL_SHARE = 0.10          # validation may take at most this share of the budget
 # ...and happens at most this often: enough points for a curve and the best checkpoint; the
 # estimate counts forwards only (not reading, resampling back, scoring), so more would cost more.
@@ -47,35 +43,6 @@ VAL_OVERLAP = 0.5         # patch mode: sliding-window overlap of validation (ev
 VAL_SW_BATCH = 2          # patch mode: windows per forward in validation (eval.sw_batch_size's default)
 VAL_FRACTION = 0.15       # validation cases as a share of the cases when not given (data.val_fraction's default)
 WARMUP_SHARE = 0.03       # linear warm-up over this share of the planned steps
-
-
-# ------------------------------------------------------------------------------------ speed fits
-
-def fit_line(voxels, seconds):
-    """(intercept s, slope s/voxel) of a least-squares line; through the origin when the line
-    would have a negative intercept or slope (timing noise at small sizes)."""
-    v, t = np.asarray(voxels, np.float64), np.asarray(seconds, np.float64)
-    if len(v) >= 2 and np.ptp(v) > 0:
-        slope, intercept = np.polyfit(v, t, 1)
-        if slope > 0 and intercept >= 0:
-            return float(intercept), float(slope)
-    return 0.0, float((t * v).sum() / (v * v).sum())
-
-
-def fit_speed(speed):
-    """{base_channels: {"step": (a, b), "forward": (a, b)}}: seconds = a + b * voxels in the batch."""
-    widths = sorted({p["base_channels"] for p in speed["points"]})
-    fits = {}
-    for width in widths:
-        points = [p for p in speed["points"] if p["base_channels"] == width]
-        voxels = [p["voxels"] for p in points]
-        fits[width] = {"step": fit_line(voxels, [p["step_seconds"] for p in points]),
-                       "forward": fit_line(voxels, [p["forward_seconds"] for p in points])}
-    return fits
-
-
-def _seconds(line, voxels):
-    return line[0] + line[1] * voxels
 
 
 # --------------------------------------------------------------------------------------- planning
@@ -144,16 +111,16 @@ def padded_shape(shape, depth):
 def validation_seconds(mode, size, shape, forward):
     """Forward time of validating one median case: the whole resized case, or sliding windows."""
     if mode == "resize":
-        return _seconds(forward, math.prod(size))
+        return seconds_at(forward, math.prod(size))
     windows = math.prod(1 if n <= p else math.ceil((n - p) / max(1, int(p * (1 - VAL_OVERLAP)))) + 1
                         for n, p in zip(shape, size))
-    return math.ceil(windows / VAL_SW_BATCH) * _seconds(forward, VAL_SW_BATCH * math.prod(size))
+    return math.ceil(windows / VAL_SW_BATCH) * seconds_at(forward, VAL_SW_BATCH * math.prod(size))
 
 
 def evaluate_candidate(spacing, shape, sample, width, fit, budget_s, val_cases, batch):
     """Steps and validations one (spacing, sample, width) buys within the budget."""
     mode, size, depth = sample
-    step_s = _seconds(fit["step"], batch * math.prod(size))
+    step_s = seconds_at(fit["step"], batch * math.prod(size))
     val_s = val_cases * validation_seconds(mode, size, shape, fit["forward"])
     # validation's share of the budget, at least one validation, at most MAX_VALIDATIONS: it never
     # shrinks as the budget grows, so neither do the steps (what keeps the spacing rule monotone)

@@ -158,10 +158,10 @@ def test_format_and_write_plan(tmp_path):
 
 
 def test_fit_line_recovers_a_line_and_stays_positive():
-    assert plan.fit_line([1, 2, 3], [1.5, 2.5, 3.5]) == pytest.approx((0.5, 1.0))
-    intercept, slope = plan.fit_line([1, 2, 3], [3.0, 2.0, 2.5])  # noise: a negative slope
+    assert fingerprint.fit_line([1, 2, 3], [1.5, 2.5, 3.5]) == pytest.approx((0.5, 1.0))
+    intercept, slope = fingerprint.fit_line([1, 2, 3], [3.0, 2.0, 2.5])  # noise: a negative slope
     assert intercept == 0 and slope > 0
-    assert plan.fit_line([8], [2.0]) == (0.0, 0.25)
+    assert fingerprint.fit_line([8], [2.0]) == (0.0, 0.25)
 
 
 # ----------------------------------------------------------------------------- real files and torch
