@@ -131,8 +131,8 @@ def end_of_round(run, train_loss, validation, seconds, history):
     if run.scheduler is not None:
         run.scheduler.step(train_loss if validation is None else validation[0])
     number = len(history) + 1  # an epoch, or a validation round under train.val_every
-    log.info("%s %d (step %d): train loss %.4f%s%s (%.0fs)", "round" if run.cfg.train.val_every else "epoch",
-             number, run.step, train_loss, text, " *best*" if improved else "", seconds)
+    log.info("%s %d: train loss %.4f%s%s (step %d, %.0fs)", "round" if run.cfg.train.val_every else "epoch",
+             number, train_loss, text, " *best*" if improved else "", run.step, seconds)
     row = {"epoch": number, "step": run.step, "train_loss": round(train_loss, 5), **val,
            "lr": run.optimizer.param_groups[0]["lr"], "seconds": round(seconds, 1)}
     return row, improved
