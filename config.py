@@ -44,8 +44,8 @@ class DataConfig:
     split_seed: int = 0                # seed of the per-case split (saved as split.json in the run)
     num_workers: int = -1              # DataLoader workers; -1: 0 on CPU (workers would steal the cores
                                        # the step needs), min(4, cores) on CUDA
-    cache_gb: float = 2.0              # memory for cached cases: the training set (resize, slices) and, separately,
-                                       # the raw validation cases; each up to this size
+    cache_gb: float = 2.0              # memory for cached cases: the training set (resized, or resampled to a coarser
+                                       # data.spacing) and, separately, the raw validation cases; each up to this size
     augment: bool = True               # training augmentation on/off
     flip_prob: float = 0.5             # probability of a flip, per axis
     rot90_prob: float = 0.5            # probability of a random 90-degree turn in the axial plane
@@ -63,6 +63,8 @@ class DataConfig:
     folds: int = 0                     # cross-validation: deal the non-test patients into this many folds (0: off)
     fold: str = "all"                  # with data.folds K: the fold validated on, "0".."K-1", or "all" to train
                                        # every fold in turn into RUN/fold_<i> (see docs/evaluation.md)
+    spacing: tuple = ()                # target spacing in mm (D, H, W; one number means all axes), never finer
+                                       # than a case's own; patch mode resamples to it; "" or 0: native
 
 
 @dataclass
@@ -79,7 +81,7 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 30                   # maximum epochs
+    epochs: int = 30                   # maximum epochs (0: no limit; train.max_steps or train.max_minutes end it)
     batch_size: int = 2                # samples per step
     lr: float = 1e-3                   # Adam learning rate
     weight_decay: float = 0.0          # Adam weight decay
@@ -106,6 +108,13 @@ class TrainConfig:
                                        # N-times larger global batch); no effect in a single process
     sync_batchnorm: bool = True        # under torchrun with model.norm batch: SyncBatchNorm, statistics over
                                        # the global batch (instance/group norm need nothing)
+    schedule: str = "plateau"          # "plateau": ReduceLROnPlateau + early stopping | "poly" | "cosine": a pure
+                                       # function of the step, decaying to 0 at train.max_steps
+    warmup_steps: int = 0              # poly/cosine: linear learning-rate warm-up over this many steps
+    max_steps: int = 0                 # stop after this many optimizer steps (0: no limit)
+    val_every: int = 0                 # validate every this many optimizer steps (0: once per epoch)
+    batch_dice: bool = False           # soft Dice summed over the batch too (nnU-Net's choice for BraTS regions)
+    plan: str = "auto"                 # "auto": plan the recipe from the data when train.max_minutes > 0 | "off"
 
 
 @dataclass
@@ -153,6 +162,9 @@ PRESETS = {
 }
 
 SIZE_KEYS = {"image_size", "patch_size"}
+SPACING_KEYS = {"spacing"}
+SCHEDULES = ("plateau", "poly", "cosine")
+PLAN_CHOICES = ("auto", "off")
 
 
 def parse_size(text):
@@ -170,10 +182,30 @@ def parse_size(text):
     return values
 
 
+def parse_spacing(text):
+    """'' or 0 -> () (native); '1.5' -> (1.5, 1.5, 1.5); '1,1,2' or [1, 1, 2] -> (1.0, 1.0, 2.0)."""
+    if isinstance(text, (int, float)):
+        values = (float(text),)
+    elif isinstance(text, (list, tuple)):
+        values = tuple(float(v) for v in text)
+    else:
+        values = tuple(float(v) for v in str(text).strip("[]() ").replace(" ", "").split(",") if v)
+    if values in ((), (0.0,)):
+        return ()
+    if len(values) == 1:
+        values *= 3
+    if len(values) != 3 or min(values) <= 0:
+        raise ValueError(f"data.spacing {text!r}: expected one positive number (mm) or three, comma-separated; "
+                         f"'' or 0 for the native spacing")
+    return values
+
+
 def parse_value(section, name, current, text):
     """Type a command-line string from the field it overrides."""
     if name in SIZE_KEYS:
         return parse_size(text)
+    if name in SPACING_KEYS:
+        return parse_spacing(text)
     if isinstance(current, bool):
         lowered = str(text).lower()
         if lowered in ("1", "true", "yes", "on"):
@@ -200,7 +232,7 @@ def set_key(cfg, key, value, from_text=True):
         hint = f"; did you mean {', '.join('--' + c for c in close)}?" if close else ""
         raise KeyError(f"unknown config key --{key}{hint}")
     current = getattr(part, name)
-    if from_text or name in SIZE_KEYS:
+    if from_text or name in SIZE_KEYS or name in SPACING_KEYS:
         value = parse_value(section, name, current, value)
     setattr(part, name, value)
 
@@ -249,6 +281,27 @@ def build_config(pairs, preset=None, config_file=None, base=None):
     return cfg
 
 
+def get_key(cfg, key):
+    section, _, name = key.partition(".")
+    return getattr(getattr(cfg, section), name)
+
+
+def flat_keys(overrides):
+    """The 'section.key' names of an override dict ({'section.key': v} or {'section': {'key': v}})."""
+    return [f"{key}.{name}" for key, value in overrides.items() if isinstance(value, dict) for name in value] + \
+        [key for key, value in overrides.items() if not isinstance(value, dict)]
+
+
+def explicit_keys(cfg, pairs, preset=None, config_file=None):
+    """{'section.key': value in cfg} of every key the user set: by the preset, the config file or the
+    command line (the planner plans only the others)."""
+    keys = set(pairs) | set(flat_keys(PRESETS.get(preset, {})))
+    if config_file:
+        with open(config_file) as f:
+            keys |= set(flat_keys(json.load(f)))
+    return {key: get_key(cfg, key) for key in sorted(keys)}
+
+
 def to_dict(cfg):
     """Plain nested dict (lists, not tuples), as written to config.json and into checkpoints."""
     return json.loads(json.dumps(dataclasses.asdict(cfg)))
@@ -279,7 +332,8 @@ def check(cfg, warn=False):
     data, model = cfg.data, cfg.model
     choices = [("data.mode", data.mode, MODE_DIMS), ("data.task", data.task, TASK_REGIONS),
                ("data.channel_last", data.channel_last, ("auto", "true", "false")),
-               ("eval.split", cfg.eval.split, EVAL_SPLITS)]
+               ("eval.split", cfg.eval.split, EVAL_SPLITS), ("train.schedule", cfg.train.schedule, SCHEDULES),
+               ("train.plan", cfg.train.plan, PLAN_CHOICES)]
     for key, value, allowed in choices:
         if value not in allowed:
             raise ValueError(f"{key} {value!r}: choose one of {', '.join(map(repr, allowed))}")
@@ -294,6 +348,7 @@ def check(cfg, warn=False):
         raise ValueError(f"model.in_channels ({model.in_channels}) must equal data.channels ({data.channels})")
     check_input_size(cfg)
     check_folds(data)
+    check_training_length(cfg.train)
     if warn and data.val_fraction == 0:
         log.warning("data.val_fraction is 0: no validation cases, so best.pt follows the training loss")
     return cfg
@@ -317,3 +372,16 @@ def check_input_size(cfg):
     if any(s % step for s in size[-cfg.model.dims:]):
         raise ValueError(f"data.{key} {size}: every axis must be divisible by 2**model.depth = {step}; "
                          f"change the size or model.depth")
+
+
+def check_training_length(tc):
+    """Something ends training, and a decaying schedule knows over how many steps it decays."""
+    for key in ("epochs", "warmup_steps", "max_steps", "val_every"):
+        if getattr(tc, key) < 0:
+            raise ValueError(f"train.{key} {getattr(tc, key)}: must be 0 or more")
+    if tc.schedule != "plateau" and tc.max_steps <= 0:
+        raise ValueError(f"train.schedule {tc.schedule} decays the learning rate to 0 at train.max_steps; "
+                         f"set train.max_steps > 0 (or train.max_minutes, which plans it)")
+    if not (tc.epochs or tc.max_steps or tc.max_minutes):
+        raise ValueError("train.epochs, train.max_steps and train.max_minutes are all 0: nothing would end "
+                         "training; set one of them")

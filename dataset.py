@@ -4,7 +4,8 @@ A sample is {"image": (C, *size) float, "target": (R, *size) float, "case_id": s
 channel per region of data.task (WT/TC/ET for "brats", "tumour" for "binary").
 ResizeDataset ("resize") serves whole cases resized to data.image_size; PatchDataset ("patch")
 serves random data.patch_size patches read straight from the chunked HDF5 file (only the patch's
-hyperslab is read), a share of them centred on tumour; SliceDataset ("slices", model.dims 2)
+hyperslab is read), a share of them centred on tumour, or, when data.spacing is coarser than a
+case's own, cut from the whole case resampled there once (kept within data.cache_gb); SliceDataset ("slices", model.dims 2)
 serves 2D axial slices, sampled per case with a set share of tumour slices. Their non-training
 variants (whole native cases for patch mode, every slice in order) serve validation.
 Files are opened lazily in whichever process asks for a sample (DataLoader workers included).
@@ -19,7 +20,8 @@ from torch.utils.data import Dataset
 
 from cases import (DataError, as_labels, brain_stats, case_format, case_id_of, get_dataset, image_layout,
                    open_case, read_box, read_case)
-from transforms import augment, labels_to_regions, resize_image, resize_labels, task_regions, zscore, zscore_brain
+from transforms import (augment, labels_to_regions, resample_image, resample_labels, resize_image, resize_labels,
+                        target_spacing, task_regions, zscore, zscore_brain)
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +78,14 @@ class ResizeDataset(H5Dataset):
         return self.sample(*self.prepared(index), self.generator(index))
 
 
+def foreground_points(mask):
+    """Tumour voxels of a label map (N, 3), at most MAX_FOREGROUND_POINTS of them, always the same ones."""
+    points = np.argwhere(np.asarray(mask) > 0).astype(np.int32)
+    if len(points) > MAX_FOREGROUND_POINTS:
+        points = points[np.random.default_rng(0).choice(len(points), MAX_FOREGROUND_POINTS, replace=False)]
+    return points
+
+
 def patch_start(shape, patch, foreground, fraction, gen):
     """Corner of a patch (may be negative or overhang where the volume is smaller: padded later).
 
@@ -106,7 +116,25 @@ class PatchDataset(H5Dataset):
     def __init__(self, paths, data_cfg, train=True, seed=0):
         super().__init__(paths, data_cfg, train, seed)
         self.per_case = max(1, int(data_cfg.patches_per_case))
-        self._stats, self._foreground = {}, {}
+        self._stats, self._foreground, self._targets = {}, {}, {}
+
+    def target(self, index):
+        """The spacing case `index` is resampled to (data.spacing coarser than its own), else None."""
+        if not self.cfg.spacing:
+            return None
+        if index not in self._targets:
+            with open_case(self.paths[index]) as f:
+                native = tuple(float(s) for s in f.attrs.get("spacing", (1.0, 1.0, 1.0)))
+            self._targets[index] = target_spacing(native, self.cfg.spacing)
+        return self._targets[index]
+
+    def prepare(self, index):
+        """(image, mask, tumour voxels, case_id) of case `index`, normalised and resampled to target(index)."""
+        case = read_case(self.paths[index], self.fmt)
+        target = self.target(index)
+        image = resample_image(zscore_brain(case.image), case.spacing, target)
+        mask = resample_labels(case.mask, case.spacing, target)
+        return image, mask, foreground_points(mask.numpy()), case.case_id
 
     def __len__(self):
         return len(self.paths) * self.per_case
@@ -118,10 +146,7 @@ class PatchDataset(H5Dataset):
         if path not in self._stats:
             self._stats[path] = self._brain_stats(path, f, dset, channel_axis)
         if path not in self._foreground:
-            points = np.argwhere(self._mask(path, f, (0,) * 3, spatial, spatial) > 0).astype(np.int32)
-            if len(points) > MAX_FOREGROUND_POINTS:
-                points = points[np.random.default_rng(0).choice(len(points), MAX_FOREGROUND_POINTS, replace=False)]
-            self._foreground[path] = points
+            self._foreground[path] = foreground_points(self._mask(path, f, (0,) * 3, spatial, spatial))
         return dset, channel_axis, self._stats[path], self._foreground[path], spatial
 
     @staticmethod
@@ -143,9 +168,14 @@ class PatchDataset(H5Dataset):
     def __getitem__(self, index):
         path, gen = self.paths[index % len(self.paths)], self.generator(index)
         patch = tuple(self.cfg.patch_size)
+        fraction = self.cfg.foreground_fraction if self.train else 0.0
+        if self.target(index % len(self.paths)) is not None:
+            image, mask, foreground, case_id = self.prepared(index % len(self.paths))
+            start, _ = patch_start(mask.shape, patch, foreground, fraction, gen)
+            return self.sample(torch.from_numpy(read_box(image.numpy(), start, patch, 0)),
+                               torch.from_numpy(read_box(mask.numpy(), start, patch)), case_id, gen)
         with open_case(path) as f:
             dset, channel_axis, stats, foreground, spatial = self._case_info(path, f)
-            fraction = self.cfg.foreground_fraction if self.train else 0.0
             start, _ = patch_start(spatial, patch, foreground, fraction, gen)
             raw = read_box(dset, start, patch, channel_axis).astype(np.float32)
             mask = self._mask(path, f, start, patch, spatial)

@@ -3,7 +3,9 @@
 `predict_case` takes a raw image (C, *spatial) as stored and returns region probabilities
 (R, *spatial) on the same grid, so scores and exported label maps are always at native resolution.
 Resize mode predicts the whole volume resized to data.image_size; patch mode slides a window of
-data.patch_size over the volume (`sliding_window`, a pure function over any predictor callable);
+data.patch_size over the volume (`sliding_window`, a pure function over any predictor callable),
+resampled to data.spacing first when that is coarser than the case's own and the probabilities
+resampled back to the native grid;
 slices mode predicts each axial slice with a 2D model, eval.batch_size slices at a time.
 """
 import itertools
@@ -12,7 +14,7 @@ import math
 import torch
 
 from precision import autocast
-from transforms import resize_image, zscore_brain
+from transforms import resample_back, resample_image, resize_image, target_spacing, zscore_brain
 
 
 def gaussian_weights(window, sigma_scale=1 / 8, min_weight=1e-3):
@@ -111,15 +113,12 @@ def model_predictor(model, device, amp_dtype=None):
 
 
 @torch.no_grad()
-def predict_case(model, image, cfg, device, amp_dtype=None):
-    """Region probabilities (R, *spatial) at the native grid of a raw image (C, *spatial)."""
+def predict_case(model, image, cfg, device, amp_dtype=None, spacing=None):
+    """Region probabilities (R, *spatial) at the native grid of a raw image (C, *spatial) whose voxels
+    are `spacing` mm apart (needed in patch mode when data.spacing is set)."""
     model.eval()
     if cfg.data.mode == "patch":
-        ev = cfg.eval
-        logits = sliding_window(model_predictor(model, device, amp_dtype), zscore_brain(image),
-                                tuple(cfg.data.patch_size), ev.overlap, ev.sw_batch_size, ev.gaussian,
-                                ev.mirror, device)
-        return torch.sigmoid(logits)
+        return predict_patches(model, image, cfg, device, amp_dtype, spacing)
     if cfg.data.mode == "slices":
         return predict_slices(model_predictor(model, device, amp_dtype), image, tuple(cfg.data.image_size)[-2:],
                               cfg.eval.batch_size, cfg.eval.mirror, device)
@@ -129,6 +128,21 @@ def predict_case(model, image, cfg, device, amp_dtype=None):
                             device)
     probs = torch.sigmoid(logits)[0].cpu()
     return resize_image(probs, native).clamp_(0, 1)
+
+
+def predict_patches(model, image, cfg, device, amp_dtype, spacing):
+    """Patch mode: the normalised image, resampled to data.spacing when that is coarser than
+    `spacing`, predicted by a sliding window; probabilities brought back to the native grid."""
+    if cfg.data.spacing and spacing is None:
+        raise ValueError("predict_case: data.spacing is set, so the image's own spacing must be given")
+    ev, target = cfg.eval, target_spacing(spacing or (), cfg.data.spacing)
+    native, image = tuple(image.shape[1:]), zscore_brain(image)
+    if target is not None:
+        image = resample_image(image, spacing, target)
+    logits = sliding_window(model_predictor(model, device, amp_dtype), image, tuple(cfg.data.patch_size),
+                            ev.overlap, ev.sw_batch_size, ev.gaussian, ev.mirror, device)
+    probs = torch.sigmoid(logits)
+    return probs if target is None else resample_back(probs.cpu(), native)
 
 
 @torch.no_grad()

@@ -5,10 +5,13 @@
 `--data.folds K --data.fold all` trains K cross-validation folds into RUN/fold_<i> and evaluates
 their ensemble on the test split (docs/evaluation.md).
 With no .h5 files in the default data.dir, a synthetic BraTS-like dataset is generated there first.
+With train.max_minutes (and train.plan auto) the recipe is planned for that budget from the training
+cases and a few seconds of measured steps (fingerprint.py, plan.py); keys given explicitly win.
 On several GPUs: `torchrun --nproc_per_node=N main.py ...` trains with DDP (see distributed.py).
 """
 import argparse
 import copy
+import dataclasses
 import json
 import logging
 import os
@@ -24,20 +27,30 @@ import distributed
 from atomic import atomic_path, write_json
 from cases import DataError, case_format, case_id_of
 from checkpoint import CheckpointError, load_resumable
-from config import RESUME_SAFE_KEYS, Config, build_config, check, diff_keys, from_dict, split_args, to_dict
+from config import (RESUME_SAFE_KEYS, Config, apply_dict, build_config, check, diff_keys, explicit_keys, from_dict,
+                    get_key, split_args, to_dict)
 from dataset import build_dataset
 from evaluate import evaluate_checkpoint
+from fingerprint import fingerprint, measure_speed
 from guards import TrainingStopped
 from losses import DiceBCELoss
 from model import build_model
+from plan import format_plan, plan_recipe, write_plan
 from postselect import choose_for_checkpoint
-from precision import prepare_model, resolve_device
+from precision import autocast_dtype, prepare_model, resolve_device
 from reporting import format_table
 from splits import PARTS, describe_grouping, list_cases, make_split, validate_cases
 from step import make_run
 from train import fit
 
 log = logging.getLogger("main")
+
+# Sample sides timed before planning (rounded to multiples of 2**model.depth), smallest first, near
+# the sizes the planner weighs: 16-24^3 steps on a busy 2-core CPU were overhead and noise, and a
+# line through them put a 64x80x64 step at 22 s (the issue measured ~1.2 s at 80x96x80). No
+# further side is timed once SPEED_SECONDS have gone, so a slow or busy device stays near 5 s.
+SPEED_SIDES = {"cpu": (32, 48, 64), "cuda": (64, 96, 128)}
+SPEED_SECONDS = 5.0
 
 
 def seed_everything(seed, deterministic=False):
@@ -107,43 +120,50 @@ def resume_config(cfg, state, path):
     return cfg
 
 
-def run(cfg, resume=None):
+def run(cfg, resume=None, explicit=None):
     """Train (or continue `resume`, a (checkpoint path, state) pair) and evaluate the best checkpoint.
+    `explicit`: {key: value} the user set, which a plan keeps (default: every key off its default).
 
     Under torchrun every rank runs this; rank 0 alone creates and writes the run folder."""
+    started = time.time()  # train.max_minutes counts the planning too
     seed_everything(cfg.train.seed, cfg.train.deterministic)
     paths = ensure_data(cfg.data)
     validate_cases(paths, case_format(cfg.data))
     device = resolve_device(cfg.train.device)
     # fixed input sizes (resize target, patch, window): let cuDNN pick its fastest kernels once
     torch.backends.cudnn.benchmark = device.type == "cuda" and not cfg.train.deterministic
-    model = build_model(cfg.model).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
     if resume:
         run_dir = os.path.dirname(os.path.abspath(resume[0]))
         split = load_split(run_dir, paths)
     else:  # deterministic: every rank computes the same split
         split = make_split([case_id_of(p) for p in paths], cfg.data)
+    by_id = {case_id_of(p): p for p in paths}
+    val_paths = [by_id[c] for c in split["val"]]  # validation reads whole cases, as evaluation does
+    train_paths = [by_id[c] for c in split["train"]]
+    plan = None if resume else make_plan(cfg, explicit, {"train": train_paths, "val": val_paths}, device, started)
+    if plan is not None:  # the planned run starts from the same random state as an unplanned one
+        seed_everything(cfg.train.seed, cfg.train.deterministic)
+    model = build_model(cfg.model).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
     error = None
     if distributed.is_main():
         try:
-            run_dir = prepare_run_dir(cfg, split, run_dir if resume else None, n_params)
+            run_dir = prepare_run_dir(cfg, split, run_dir if resume else None, n_params, plan)
         except (FileExistsError, OutputError) as err:
             error = err
     if distributed.broadcast_flag(error is not None):  # every rank stops when rank 0 cannot write
         raise error or OutputError("rank 0 could not prepare the run folder (its message says why)")
     run_dir = distributed.broadcast_object(run_dir if distributed.is_main() else None)
-    by_id = {case_id_of(p): p for p in paths}
-    val_paths = [by_id[c] for c in split["val"]]  # validation reads whole cases, as evaluation does
-    train_set = build_dataset(cfg.data, [by_id[c] for c in split["train"]], True, cfg.train.seed)
+    train_set = build_dataset(cfg.data, train_paths, True, cfg.train.seed)
     # fast paths (channels-last, compile) go on the bare module, before DDP wraps it
     model = distributed.wrap_model(prepare_model(model, cfg.train, device), device,
                                    cfg.train.sync_batchnorm and cfg.model.norm == "batch")
     log.info("run %s: %d train / %d val / %d test cases, %s, %.2fM parameters", run_dir, len(split["train"]),
              len(split["val"]), len(split["test"]), device, n_params / 1e6)
-    loss_fn = DiceBCELoss(cfg.train.dice_weight, cfg.train.bce_weight)
-    best_path, stopped_by = fit(make_run(cfg, model, loss_fn, device), train_set, val_paths, run_dir,
-                                resume[1] if resume else None)
+    loss_fn = DiceBCELoss(cfg.train.dice_weight, cfg.train.bce_weight, cfg.train.batch_dice)
+    training = make_run(cfg, model, loss_fn, device)
+    training.started = started
+    best_path, stopped_by = fit(training, train_set, val_paths, run_dir, resume[1] if resume else None)
     if stopped_by is not None:
         if not distributed.is_main():
             sys.exit(128 + stopped_by)
@@ -157,18 +177,53 @@ def run(cfg, resume=None):
             print(format_table(summary))
     if not distributed.is_main():
         return run_dir
-    print(f"outputs in {run_dir}: config.json split.json metrics.csv curves.png last.pt best.pt"
+    print(f"outputs in {run_dir}: config.json split.json {'plan.json ' if plan else ''}metrics.csv curves.png "
+          f"last.pt best.pt"
           + (" summary.json per_case.csv" if split["test"] else ""))
     return run_dir
 
 
-def prepare_run_dir(cfg, split, run_dir, n_params):
-    """Create (or, resuming, reuse) the run folder and write split.json and config.json; rank 0 only."""
+def make_plan(cfg, explicit, paths, device, started):
+    """Plan the recipe for what is left of train.max_minutes from the training cases' fingerprint and
+    a short step timing on `device` in training's precision and layout; apply it to cfg (keys in
+    `explicit` keep their values) and return it. None, cfg untouched, without a budget or with
+    train.plan off. `paths`: {"train": files, "val": files}. Rank 0 plans, every rank applies."""
+    if cfg.train.plan == "off" or cfg.train.max_minutes <= 0:
+        return None
+    if explicit is None:
+        explicit = {key: get_key(cfg, key) for key in diff_keys(cfg, Config())}
+    plan = None
+    if distributed.is_main():
+        fp = fingerprint(paths["train"], case_format(cfg.data), cfg.data.task)
+        step = 2 ** cfg.model.depth
+        sizes = sorted({(max(step, step * round(side / step)),) * 3 for side in SPEED_SIDES[device.type]})
+        layout = dataclasses.replace(cfg.train, compile=False)  # channels-last as training; compiling takes minutes
+        speed = measure_speed(cfg.model, device, sizes, repeats=1, max_seconds=SPEED_SECONDS,
+                              amp_dtype=autocast_dtype(device, cfg.train.amp, cfg.train.precision),
+                              prepare=lambda model: prepare_model(model, layout, device))
+        spent = (time.time() - started) / 60
+        log.info("planning: fingerprint and speed measurement took %.1f s", spent * 60)
+        left = max(cfg.train.max_minutes - spent, 0.01)  # all spent: a plan for a few steps, which time ends
+        plan = plan_recipe(fp, round(left, 3), speed, json.loads(json.dumps(explicit)),
+                           len(paths["val"]) or None)
+    plan = distributed.broadcast_object(plan)
+    apply_dict(cfg, plan["values"])
+    check(cfg)
+    if distributed.is_main():
+        log.info("%s", format_plan(plan))
+    return plan
+
+
+def prepare_run_dir(cfg, split, run_dir, n_params, plan=None):
+    """Create (or, resuming, reuse) the run folder and write split.json, plan.json and config.json (after
+    the plan, so evaluation rebuilds the planned model); rank 0 only."""
     if run_dir is None:
         run_dir = make_run_dir(cfg.train)
         ids = [c for part in PARTS for c in split[part]]
         folds = {"fold": int(cfg.data.fold), "folds": cfg.data.folds} if cfg.data.folds else {}
         write_json(os.path.join(run_dir, "split.json"), {**split, **folds, "grouping": describe_grouping(ids)})
+    if plan is not None:
+        write_plan(run_dir, plan)
     write_json(os.path.join(run_dir, "config.json"), to_dict(cfg))
     check_writable(run_dir, 3 * 4 * n_params)  # weights + Adam's two moments, fp32
     return run_dir
@@ -189,7 +244,7 @@ def load_split(run_dir, paths):
     return split
 
 
-def run_folds(cfg):
+def run_folds(cfg, explicit=None):
     """data.fold all: train fold 0..K-1 one after another, each a normal run in RUN/fold_<i>, then
     evaluate the ensemble of their best.pt on the test split (which no fold trains or validates on)."""
     name = distributed.broadcast_object(cfg.train.name or time.strftime("%Y%m%d-%H%M%S"))
@@ -202,7 +257,7 @@ def run_folds(cfg):
         fold_cfg = copy.deepcopy(cfg)
         fold_cfg.data.fold, fold_cfg.train.out_dir, fold_cfg.train.name = str(fold), parent, f"fold_{fold}"
         log.info("cross-validation: fold %d of %d", fold + 1, cfg.data.folds)
-        run(fold_cfg)
+        run(fold_cfg, explicit=explicit)
     if cfg.data.test_fraction > 0:
         summary = evaluate_checkpoint(parent, "test", parent)  # sharded under DDP
         if distributed.is_main():
@@ -223,6 +278,7 @@ def main(argv=None):
                         format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     try:
         cfg = build_config(pairs, args.preset, args.config)
+        explicit = explicit_keys(cfg, pairs, args.preset, args.config)
         resume_from = args.resume or cfg.train.resume
         resume = None
         if resume_from:
@@ -232,9 +288,9 @@ def main(argv=None):
         check(cfg, warn=distributed.is_main())
         distributed.init_from_env(cfg.train.device)
         if cfg.data.folds and cfg.data.fold == "all" and not resume:
-            run_folds(cfg)
+            run_folds(cfg, explicit)
         else:
-            run(cfg, resume)
+            run(cfg, resume, explicit)
     except (DataError, CheckpointError, KeyError, ValueError, FileExistsError, OutputError,
             TrainingStopped) as err:
         sys.exit(f"error: {err.args[0] if isinstance(err, KeyError) else err}")

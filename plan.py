@@ -1,11 +1,8 @@
 """Plan the training recipe from the data and the time budget (issue 12).
 
-Three layers, each usable and testable alone:
-  fingerprint(paths, fmt)                    what the training cases look like: a plain dict
-  measure_speed(model_cfg, device)           seconds per training step at a few sizes: the speed table
-  plan_recipe(fp, budget_minutes, speed, explicit)
-                                             a pure function of those: config values to train with,
-                                             each with the reason it was chosen
+plan_recipe(fp, budget_minutes, speed, explicit) is a pure function of fingerprint.fingerprint (what
+the training cases look like) and fingerprint.measure_speed (seconds per step on the device): the
+config values to train with, each with the reason it was chosen. format_plan and write_plan show it.
 
 The rule, in order. Candidate spacings run from the data's native spacing to twice it. At each,
 the sample is the whole brain-cropped median case resampled there ("resize") when it fits
@@ -17,23 +14,12 @@ network width that still gets MIN_STEPS there. The learning rate follows a poly 
 planned steps with a short warm-up, so it reaches its end when the budget ends.
 A key given explicitly is taken as given and the rest is planned around it.
 """
-import dataclasses
-import logging
 import math
 import os
-import time
-
-import numpy as np
-import torch
 
 from atomic import write_json
-from cases import read_case
-from config import ModelConfig
-from losses import DiceBCELoss
-from model import build_model
-from transforms import labels_to_regions, resampled_shape, task_regions
-
-log = logging.getLogger(__name__)
+from fingerprint import BATCH_SIZE, fit_speed, seconds_at
+from transforms import resampled_shape
 
 # The issue's data point: at 25 CPU-minutes the whole brain at ~1.75 mm (80x96x80, batch 2) ran
 # ~1200 optimizer steps (202 epochs x 6 steps) and beat 1 mm 64^3 patches by 0.05-0.08 Dice; the
@@ -49,9 +35,6 @@ VOXEL_CAP = 128 ** 3
 # Downsample until the smallest axis of the bottleneck is 4 voxels (as nnU-Net), at most 5 times.
 MIN_BOTTLENECK = 4
 MAX_DEPTH = 5
-# Batch of 2 as nnU-Net in 3D: under a time budget a larger batch buys fewer steps, and instance
-# norm needs no batch statistics.
-BATCH_SIZE = 2
 VAL_SHARE = 0.10          # validation may take at most this share of the budget
 # ...and happens at most this often: enough points for a curve and the best checkpoint; the
 # estimate counts forwards only (not reading, resampling back, scoring), so more would cost more.
@@ -60,143 +43,6 @@ VAL_OVERLAP = 0.5         # patch mode: sliding-window overlap of validation (ev
 VAL_SW_BATCH = 2          # patch mode: windows per forward in validation (eval.sw_batch_size's default)
 VAL_FRACTION = 0.15       # validation cases as a share of the cases when not given (data.val_fraction's default)
 WARMUP_SHARE = 0.03       # linear warm-up over this share of the planned steps
-SPEED_SIZES = ((32, 32, 32), (48, 48, 48), (64, 64, 64))  # sample sizes measure_speed times by default
-
-
-# ------------------------------------------------------------------------------------ fingerprint
-
-def case_fingerprint(case, regions):
-    """Shape, spacing, per-channel brain intensity stats and region voxel counts of one Case."""
-    brain = np.any(case.image != 0, axis=0)
-    intensity = []
-    for channel in case.image:  # over each channel's own non-zero voxels, as zscore_brain normalises
-        values = channel[channel != 0].astype(np.float64)
-        if values.size == 0:
-            values = np.zeros(1)
-        intensity.append({"mean": values.mean(), "std": values.std(),
-                          "p00_5": np.percentile(values, 0.5), "p99_5": np.percentile(values, 99.5)})
-    voxels = labels_to_regions(case.mask, regions).sum(dim=tuple(range(1, case.mask.ndim + 1))).tolist()
-    return {"shape": list(case.image.shape[1:]), "spacing": list(case.spacing), "brain_voxels": int(brain.sum()),
-            "intensity": intensity, "region_voxels": dict(zip(regions, voxels))}
-
-
-def _median(values):
-    return float(np.median(np.asarray(values, dtype=np.float64)))
-
-
-def fingerprint(paths, fmt, task="brats"):
-    """What the training cases look like, as a plain dict (deterministic for the same files):
-    n_cases, median shape (brain-cropped, as stored) and spacing (mm, D/H/W), intensity stats of each
-    channel over its non-zero voxels (medians over cases), median tumour voxels and share of the brain
-    per region, how many cases lack each region, and the smallest region by median share."""
-    if not paths:
-        raise ValueError("fingerprint: no training cases")
-    regions = task_regions(task)
-    per_case = [case_fingerprint(read_case(path, fmt), regions) for path in sorted(paths)]
-    shares = {r: [c["region_voxels"][r] / max(c["brain_voxels"], 1) for c in per_case] for r in regions}
-    median_share = {r: _median(v) for r, v in shares.items()}
-    smallest = min(regions, key=lambda r: (median_share[r], list(regions).index(r)))
-    channels = len(per_case[0]["intensity"])
-    return {
-        "n_cases": len(per_case),
-        "median_shape": [_median([c["shape"][a] for c in per_case]) for a in range(3)],
-        "median_spacing": [_median([c["spacing"][a] for c in per_case]) for a in range(3)],
-        "median_brain_voxels": _median([c["brain_voxels"] for c in per_case]),
-        "intensity": [{stat: _median([c["intensity"][ch][stat] for c in per_case])
-                       for stat in ("mean", "std", "p00_5", "p99_5")} for ch in range(channels)],
-        "median_region_voxels": {r: _median([c["region_voxels"][r] for c in per_case]) for r in regions},
-        "median_region_share": median_share,
-        "cases_without_region": {r: sum(c["region_voxels"][r] == 0 for c in per_case) for r in regions},
-        "smallest_region": {"name": smallest, "share": median_share[smallest]},
-    }
-
-
-# ------------------------------------------------------------------------------------ speed table
-
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _time(fn, device, repeats):
-    fn()  # warm-up: allocator, kernels, autotuning
-    _sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    _sync(device)
-    return (time.perf_counter() - start) / repeats
-
-
-def measure_speed(model_cfg, device, sizes=SPEED_SIZES, batch_size=BATCH_SIZE, widths=None, repeats=2,
-                  amp_dtype=None, prepare=None, seed=0):
-    """Time real training steps (forward, Dice+BCE loss, backward, Adam step) and no-grad forwards
-    at each sample size and network width, after one warm-up each. model_cfg: a ModelConfig or a
-    dict of its fields; widths: base_channels to time (default: model_cfg's); prepare: optional
-    model -> model (e.g. train.prepare_model) so the timing sees the layout training uses.
-    Returns the speed table {"device", "batch_size", "depth", "points": [...]}."""
-    model_cfg = ModelConfig(**model_cfg) if isinstance(model_cfg, dict) else model_cfg
-    device = torch.device(device)
-    torch.manual_seed(seed)
-    points = []
-    for width in widths or (model_cfg.base_channels,):
-        model = build_model(dataclasses.replace(model_cfg, base_channels=width)).to(device)
-        model = prepare(model) if prepare else model
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-        loss_fn = DiceBCELoss()
-        for size in sizes:
-            image = torch.randn(batch_size, model_cfg.in_channels, *size, device=device)
-            target = (torch.rand(batch_size, model_cfg.out_channels, *size, device=device) > 0.9).float()
-
-            def step():
-                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-                    loss = loss_fn(model(image), target)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-
-            def forward():
-                with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
-                                                     enabled=amp_dtype is not None):
-                    model(image)
-
-            model.train()
-            step_s = _time(step, device, repeats)
-            model.eval()
-            forward_s = _time(forward, device, repeats)
-            points.append({"base_channels": width, "size": list(size), "voxels": batch_size * math.prod(size),
-                           "step_seconds": step_s, "forward_seconds": forward_s})
-            log.debug("speed: width %d, %s x %d: %.3f s/step, %.3f s/forward", width, size, batch_size,
-                      step_s, forward_s)
-    return {"device": str(device), "precision": str(amp_dtype or torch.float32).replace("torch.", ""),
-            "batch_size": batch_size, "depth": model_cfg.depth, "points": points}
-
-
-def fit_line(voxels, seconds):
-    """(intercept s, slope s/voxel) of a least-squares line; through the origin when the line
-    would have a negative intercept or slope (timing noise at small sizes)."""
-    v, t = np.asarray(voxels, np.float64), np.asarray(seconds, np.float64)
-    if len(v) >= 2 and np.ptp(v) > 0:
-        slope, intercept = np.polyfit(v, t, 1)
-        if slope > 0 and intercept >= 0:
-            return float(intercept), float(slope)
-    return 0.0, float((t * v).sum() / (v * v).sum())
-
-
-def fit_speed(speed):
-    """{base_channels: {"step": (a, b), "forward": (a, b)}}: seconds = a + b * voxels in the batch."""
-    widths = sorted({p["base_channels"] for p in speed["points"]})
-    fits = {}
-    for width in widths:
-        points = [p for p in speed["points"] if p["base_channels"] == width]
-        voxels = [p["voxels"] for p in points]
-        fits[width] = {"step": fit_line(voxels, [p["step_seconds"] for p in points]),
-                       "forward": fit_line(voxels, [p["forward_seconds"] for p in points])}
-    return fits
-
-
-def _seconds(line, voxels):
-    return line[0] + line[1] * voxels
 
 
 # --------------------------------------------------------------------------------------- planning
@@ -222,8 +68,8 @@ def plan_depth(min_side, explicit):
 def candidate_spacings(fp, explicit):
     """Target spacings (mm, D/H/W) to weigh, finest first; never finer than the native spacing."""
     native = fp["median_spacing"]
-    if "data.spacing" in explicit:
-        return [[float(s) for s in _three(explicit["data.spacing"])]]
+    if "data.spacing" in explicit:  # () or 0: the native spacing
+        return [[float(s) for s in _three(explicit["data.spacing"] or native)]]
     if "data.image_size" in explicit and explicit.get("data.mode", "resize") == "resize":
         size = _three(explicit["data.image_size"])  # the whole case resized to it: the spacing follows
         return [[round(n * s / i, 4) for n, s, i in zip(fp["median_shape"], native, size)]]
@@ -265,16 +111,16 @@ def padded_shape(shape, depth):
 def validation_seconds(mode, size, shape, forward):
     """Forward time of validating one median case: the whole resized case, or sliding windows."""
     if mode == "resize":
-        return _seconds(forward, math.prod(size))
+        return seconds_at(forward, math.prod(size))
     windows = math.prod(1 if n <= p else math.ceil((n - p) / max(1, int(p * (1 - VAL_OVERLAP)))) + 1
                         for n, p in zip(shape, size))
-    return math.ceil(windows / VAL_SW_BATCH) * _seconds(forward, VAL_SW_BATCH * math.prod(size))
+    return math.ceil(windows / VAL_SW_BATCH) * seconds_at(forward, VAL_SW_BATCH * math.prod(size))
 
 
 def evaluate_candidate(spacing, shape, sample, width, fit, budget_s, val_cases, batch):
     """Steps and validations one (spacing, sample, width) buys within the budget."""
     mode, size, depth = sample
-    step_s = _seconds(fit["step"], batch * math.prod(size))
+    step_s = seconds_at(fit["step"], batch * math.prod(size))
     val_s = val_cases * validation_seconds(mode, size, shape, fit["forward"])
     # validation's share of the budget, at least one validation, at most MAX_VALIDATIONS: it never
     # shrinks as the budget grows, so neither do the steps (what keeps the spacing rule monotone)
@@ -365,6 +211,8 @@ def explain(c, weighed, fp, widths, budget_minutes, steps, val_every, explicit, 
         "train.val_every": (f"{c['validations']} validation(s) of ~{c['validation_seconds']:.1f} s each "
                             f"(<= {VAL_SHARE:.0%} of the budget, <= {MAX_VALIDATIONS}): every {val_every} of "
                             f"{steps} steps"),
+        "train.epochs": "no epoch limit: train.max_steps and train.max_minutes end the run",
+        "train.batch_dice": "Dice over the batch (nnU-Net for BraTS regions): ET-free patches still add gradient",
     }
 
 
@@ -390,14 +238,14 @@ def plan_recipe(fp, budget_minutes, speed, explicit=None, val_cases=None):
         return plan
     fits = fit_speed(speed)
     chosen, weighed = choose(fp, 60.0 * budget_minutes, fits, explicit, val_cases)
-    steps = int(explicit.get("train.max_steps", chosen["steps"]))
+    steps = max(1, int(explicit.get("train.max_steps", chosen["steps"])))
     val_every = max(1, steps // chosen["validations"])
     values = {"data.mode": chosen["mode"], "data.spacing": chosen["spacing"],
               "data.image_size" if chosen["mode"] == "resize" else "data.patch_size": chosen["size"],
               "train.batch_size": chosen["batch_size"], "model.base_channels": chosen["base_channels"],
               "model.depth": chosen["depth"], "train.schedule": "poly",
               "train.warmup_steps": max(1, round(WARMUP_SHARE * steps)), "train.max_steps": steps,
-              "train.val_every": val_every}
+              "train.val_every": val_every, "train.epochs": 0, "train.batch_dice": True}
     why = explain(chosen, weighed, fp, measured_widths(fits, explicit), budget_minutes, steps, val_every, explicit,
                   speed)
     for key in values:

@@ -44,7 +44,7 @@ def evaluate_case(model, case, cfg, device, amp_dtype=None, with_hd95=True):
     """Predict a cases.Case, postprocess, and score it when it has a mask (Dice, IoU, sensitivity,
     specificity from voxel counts on the original grid; HD95 too when `with_hd95`)."""
     task, regions = cfg.data.task, task_regions(cfg.data.task)
-    probs = predict_case(model, case.image, cfg, device, amp_dtype)
+    probs = predict_case(model, case.image, cfg, device, amp_dtype, case.spacing)
     pred = postprocess((probs > cfg.eval.threshold).numpy(), cfg.eval, task)
     if case.mask is None:
         return CaseResult(probs, pred, None, {})

@@ -3,9 +3,12 @@
 A step is: autocast (train.precision), loss, zero_grad, backward, unscale, clip, optimizer step;
 a NaN/Inf loss or gradient skips it (guards.BadStepGuard). train.py runs it every step and
 bench.py times this same function, so the benchmark measures what training does.
+Under train.schedule poly or cosine the learning rate is a pure function of the global step
+(`scheduled_lr`, nanoGPT's way), so a resumed run, which restores the step, continues it exactly.
 """
 import logging
 import math
+import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -26,13 +29,26 @@ class Run:
     model: torch.nn.Module           # possibly DDP/compile-wrapped; checkpoint.unwrap gives the bare module
     loss_fn: Callable                # (logits, target) -> scalar loss
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau  # steps on the validation loss
+    scheduler: torch.optim.lr_scheduler.ReduceLROnPlateau | None  # train.schedule plateau; None: by step
     scaler: torch.amp.GradScaler     # enabled only for fp16 autocast
     guard: BadStepGuard              # skips NaN/Inf steps, stops after train.max_bad_steps in a row
     stopper: EarlyStopping           # best score so far and epochs without improvement
     device: torch.device
     amp_dtype: torch.dtype | None    # autocast dtype; None runs fp32
     grad_clip: float                 # max gradient norm; 0 disables clipping
+    base_lr: float = 1e-3            # the learning rate the schedule starts from (after warm-up)
+    step: int = 0                    # optimizer steps taken so far (batches, skipped ones included)
+    started: float = 0.0             # time.time() when the run's clock started (train.max_minutes)
+
+
+def scheduled_lr(lr, step, tc):
+    """The learning rate of global step `step` (0-based) under train.schedule poly or cosine: a linear
+    warm-up over train.warmup_steps, then a decay from lr to 0 at train.max_steps (poly: nnU-Net's
+    (1 - t) ** 0.9; cosine: half a cosine), t the share of the post-warm-up steps taken."""
+    if step < tc.warmup_steps:
+        return lr * (step + 1) / (tc.warmup_steps + 1)
+    t = min(1.0, (step - tc.warmup_steps) / max(1, tc.max_steps - tc.warmup_steps))
+    return lr * (1 - t) ** 0.9 if tc.schedule == "poly" else lr * 0.5 * (1 + math.cos(math.pi * t))
 
 
 def make_run(cfg, model, loss_fn, device):
@@ -42,16 +58,23 @@ def make_run(cfg, model, loss_fn, device):
     if world > 1:
         log.info("DDP: %d processes, global batch %d, lr %g", world, tc.batch_size * world, lr)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=tc.weight_decay)
+    plateau = tc.schedule == "plateau"  # early stopping too: a schedule by step spends the whole budget
     scheduler = torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, "min", factor=tc.lr_factor,
-                                                           patience=tc.lr_patience)
+                                                           patience=tc.lr_patience) if plateau else None
     amp_dtype = autocast_dtype(device, tc.amp, tc.precision)
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     return Run(cfg, model, loss_fn, optimizer, scheduler, scaler, BadStepGuard(tc.max_bad_steps),
-               EarlyStopping(tc.patience), device, amp_dtype, tc.grad_clip)
+               EarlyStopping(tc.patience if plateau else 0), device, amp_dtype, tc.grad_clip, base_lr=lr,
+               started=time.time())
 
 
 def train_step(run, batch):
-    """One optimisation step on a batch {"image", "target"}; returns the loss, or None when skipped."""
+    """One optimisation step on a batch {"image", "target"}; returns the loss, or None when skipped.
+    Counts the step (run.step), and sets its learning rate first under a schedule by step."""
+    if run.scheduler is None:
+        for group in run.optimizer.param_groups:
+            group["lr"] = scheduled_lr(run.base_lr, run.step, run.cfg.train)
+    run.step += 1
     image = batch["image"].to(run.device, non_blocking=True)
     target = batch["target"].to(run.device, non_blocking=True)
     with autocast(run.device, run.amp_dtype):

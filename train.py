@@ -1,11 +1,14 @@
-"""The training loop: one epoch of steps, one validation pass, bookkeeping; repeat.
+"""The training loop: a round of steps, one validation pass, bookkeeping; repeat.
 
 A step is step.train_step (autocast, loss, zero_grad, backward, unscale, clip, optimizer step) on
-the objects of a step.Run. After each epoch: validation (`validate`: whole validation cases
-predicted, postprocessed and scored at their native grid exactly as evaluate.py does, through
-scoring.evaluate_case), ReduceLROnPlateau on the validation loss, best.pt when the mean
-validation Dice improves, early stopping after `train.patience` epochs without improvement, a
-row in metrics.csv, curves.png redrawn, last.pt written. Every file is written atomically.
+the objects of a step.Run. A round is an epoch, or train.val_every steps when set. After each
+round: validation (`validate`: whole validation cases predicted, postprocessed and scored at their
+native grid exactly as evaluate.py does, through scoring.evaluate_case), under train.schedule
+plateau ReduceLROnPlateau on the validation loss and early stopping after `train.patience` rounds
+without improvement (poly/cosine set the learning rate per step instead), best.pt when the mean
+validation Dice improves, a row in metrics.csv (epoch: the round's number, step: optimizer steps
+so far), curves.png redrawn, last.pt written. Training ends at train.epochs, train.max_steps or
+train.max_minutes, whichever comes first, after one last validation. Every file is written atomically.
 With no validation cases (data.val_fraction 0) the training loss takes the validation's place:
 best.pt, the learning-rate schedule and early stopping follow it, and metrics.csv has no val_*
 columns.
@@ -36,24 +39,57 @@ from transforms import task_regions
 
 log = logging.getLogger(__name__)
 
-# metrics.csv columns: epoch, train_loss, val_loss, val_dice_<region> per region of data.task
+# metrics.csv columns: epoch, step, train_loss, val_loss, val_dice_<region> per region of data.task
 # (val_dice_wt/tc/et for BraTS, val_dice_tumour for binary), lr, seconds: the keys of a history row.
 # Without validation cases the val_* columns are left out.
 
 
 def train_one_epoch(run, loader, stop, progress, desc="train"):
     """Steps over the loader; `progress` ({"steps", "loss_sum", "count"}) carries a resumed partial epoch.
-    Returns early, with progress up to date, when a stop was requested."""
+    Returns None when the loader is done, or early, with progress up to date: "stop" (a stop signal),
+    "end" (train.max_steps or train.max_minutes reached) or "validate" (train.val_every steps done)."""
     run.model.train()
+    tc = run.cfg.train
     for batch in tqdm(loader, desc=desc, leave=False, dynamic_ncols=True, disable=not distributed.is_main()):
         loss = train_step(run, batch)
         progress["steps"] += 1
         if loss is not None:
             progress["loss_sum"] += loss * len(batch["image"])
             progress["count"] += len(batch["image"])
-        if distributed.broadcast_flag(stop.requested):  # all ranks stop after the same step
-            break
-    return progress
+        if distributed.broadcast_flag(stop.requested or out_of_time(run)):  # all ranks stop after the same step
+            return "stop" if stop.requested else "end"
+        if tc.max_steps and run.step >= tc.max_steps:
+            return "end"
+        if tc.val_every and run.step % tc.val_every == 0:
+            return "validate"
+    return None
+
+
+def out_of_time(run):
+    minutes = run.cfg.train.max_minutes
+    return bool(minutes) and time.time() - run.started > minutes * 60
+
+
+def train_round(run, train_set, position, stop):
+    """Train from `position` ({"epoch", "steps" taken in it, "loss_sum", "count"}, updated) until a
+    validation is due: the end of an epoch (train.val_every 0) or every train.val_every steps.
+    Returns "validate", "end" (validate a last time: train.epochs, max_steps or max_minutes reached)
+    or "stop" (a stop signal; the position stays where the signal found it)."""
+    epochs = run.cfg.train.epochs
+    while True:
+        loader = epoch_loader(run, train_set, position["epoch"], position["steps"])
+        epoch_batches = position["steps"] + len(loader)
+        desc = f"epoch {position['epoch']}" + (f"/{epochs}" if epochs else "")
+        reason = train_one_epoch(run, loader, stop, position, desc=desc)
+        if reason == "stop":
+            return reason
+        if position["steps"] >= epoch_batches:  # the epoch is complete
+            position.update(epoch=position["epoch"] + 1, steps=0)
+            if epochs and position["epoch"] > epochs:
+                return "end"
+            reason = reason or (None if run.cfg.train.val_every else "validate")
+        if reason:
+            return reason
 
 
 @torch.no_grad()
@@ -82,51 +118,58 @@ def validate(run, paths, cache):
     return float(np.mean(losses)), dict(zip(regions, np.mean(dice, axis=0).tolist()))
 
 
-def end_of_epoch(run, epoch, train_loss, validation, seconds):
-    """Step the scheduler and early stopping on the epoch's figures and log them; returns
-    (history row, improved). Without validation (None) both follow the training loss."""
+def end_of_round(run, train_loss, validation, seconds, history):
+    """Step the plateau scheduler and early stopping on a validation round's figures and log them;
+    returns (history row, improved). Without validation (None) both follow the training loss."""
     if validation is None:
-        run.scheduler.step(train_loss)
         improved, val, text = run.stopper.update(-train_loss), {}, ""
     else:
         val_loss, val_dice = validation
-        run.scheduler.step(val_loss)
         improved = run.stopper.update(float(np.mean(list(val_dice.values()))))
         val = {"val_loss": round(val_loss, 5), **{f"val_dice_{n.lower()}": round(v, 4) for n, v in val_dice.items()}}
         text = f", val loss {val_loss:.4f}, val Dice " + " ".join(f"{n} {v:.3f}" for n, v in val_dice.items())
-    log.info("epoch %d: train loss %.4f%s%s (%.0fs)", epoch, train_loss, text, " *best*" if improved else "", seconds)
-    row = {"epoch": epoch, "train_loss": round(train_loss, 5), **val, "lr": run.optimizer.param_groups[0]["lr"],
-           "seconds": round(seconds, 1)}
+    if run.scheduler is not None:
+        run.scheduler.step(train_loss if validation is None else validation[0])
+    number = len(history) + 1  # an epoch, or a validation round under train.val_every
+    log.info("%s %d: train loss %.4f%s%s (step %d, %.0fs)", "round" if run.cfg.train.val_every else "epoch",
+             number, train_loss, text, " *best*" if improved else "", run.step, seconds)
+    row = {"epoch": number, "step": run.step, "train_loss": round(train_loss, 5), **val,
+           "lr": run.optimizer.param_groups[0]["lr"], "seconds": round(seconds, 1)}
     return row, improved
 
 
-def checkpoint_state(run, epoch, history, partial=None):
-    """Everything needed to continue exactly: `epoch` is the last completed one; `partial` describes
-    steps already taken in the next one when a stop came mid-epoch."""
+def checkpoint_state(run, history, position):
+    """Everything needed to continue exactly: `epoch` is the last completed epoch; `partial` the
+    position in the next one ({"epoch", "steps", "loss_sum", "count"}) when it has begun; `step`
+    the optimizer steps taken (the schedule's clock)."""
+    begun = position["steps"] or position["count"]
     return {"model": unwrap(run.model).state_dict(), "optimizer": run.optimizer.state_dict(),
-            "scheduler": run.scheduler.state_dict(), "scaler": run.scaler.state_dict(),
-            "early_stopping": run.stopper.state_dict(), "epoch": epoch, "best_score": run.stopper.best,
-            "config": to_dict(run.cfg), "history": history, "rng": rng_states(), "partial": partial}
+            "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,
+            "scaler": run.scaler.state_dict(), "early_stopping": run.stopper.state_dict(),
+            "epoch": position["epoch"] - 1, "step": run.step, "best_score": run.stopper.best,
+            "config": to_dict(run.cfg), "history": history, "rng": rng_states(),
+            "partial": dict(position) if begun else None}
 
 
 def restore_state(run, state):
-    """Load a checkpoint into the run's objects; returns (next epoch, history, epoch progress)."""
+    """Load a checkpoint into the run's objects; returns (history, position)."""
     unwrap(run.model).load_state_dict(state["model"])
     run.optimizer.load_state_dict(state["optimizer"])
-    run.scheduler.load_state_dict(state["scheduler"])
+    if run.scheduler is not None:
+        run.scheduler.load_state_dict(state["scheduler"])
     run.scaler.load_state_dict(state["scaler"])
     run.stopper.best, run.stopper.bad_epochs = state["early_stopping"]["best"], state["early_stopping"]["bad_epochs"]
+    run.step = int(state.get("step", 0))
     restore_rng_states(state["rng"])
-    partial = state.get("partial")
-    progress = {k: partial[k] for k in ("steps", "loss_sum", "count")} if partial else new_progress()
-    log.info("resuming at epoch %d%s", state["epoch"] + 1, f", step {progress['steps']}" if progress["steps"] else "")
-    if not distributed.is_main():  # the saved partial-epoch loss is the sum over ranks: count it once
-        progress.update(loss_sum=0.0, count=0)
-    return state["epoch"] + 1, list(state["history"]), progress
+    position = dict(state["partial"]) if state.get("partial") else new_progress(state["epoch"] + 1)
+    log.info("resuming at epoch %d, step %d", position["epoch"], run.step)
+    if not distributed.is_main():  # the saved loss of a begun round is the sum over ranks: count it once
+        position.update(loss_sum=0.0, count=0)
+    return list(state["history"]), position
 
 
-def new_progress():
-    return {"steps": 0, "loss_sum": 0.0, "count": 0}
+def new_progress(epoch=1):
+    return {"epoch": epoch, "steps": 0, "loss_sum": 0.0, "count": 0}
 
 
 def epoch_loader(run, train_set, epoch, skip_batches):
@@ -137,65 +180,64 @@ def epoch_loader(run, train_set, epoch, skip_batches):
                        epoch=epoch, pin_memory=run.device.type == "cuda", skip_batches=skip_batches)
 
 
-def epoch_train_loss(progress):
-    """The mean training loss of an epoch over all ranks, and its (loss_sum, count) totals."""
+def round_train_loss(progress):
+    """The mean training loss of a round over all ranks, and its (loss_sum, count) totals."""
     loss_sum, count = distributed.all_reduce_sum(
         torch.tensor([progress["loss_sum"], progress["count"]], dtype=torch.float64)).tolist()
     return loss_sum / max(count, 1), loss_sum, int(count)
 
 
-def should_stop(run, started):
-    """Early stopping or train.max_minutes, agreed by all ranks (each reads its own clock)."""
+def should_stop(run):
+    """Early stopping, train.max_steps or train.max_minutes, agreed by all ranks (each reads its own clock)."""
     if distributed.broadcast_flag(run.stopper.should_stop):
-        log.info("early stopping: no improvement for %d epochs", run.cfg.train.patience)
+        log.info("early stopping: no improvement for %d validations", run.cfg.train.patience)
         return True
-    minutes = run.cfg.train.max_minutes
-    if distributed.broadcast_flag(minutes and time.time() - started > minutes * 60):
-        log.info("stopping: train.max_minutes = %g reached", minutes)
+    tc = run.cfg.train
+    if distributed.broadcast_flag(out_of_time(run) or (tc.max_steps and run.step >= tc.max_steps)):
+        log.info("stopping: %s reached", f"train.max_steps = {tc.max_steps}" if tc.max_steps and
+                 run.step >= tc.max_steps else f"train.max_minutes = {tc.max_minutes:g}")
         return True
     return False
 
 
 def fit(run, train_set, val_paths, run_dir, resume=None):
-    """Train until train.epochs, early stopping, train.max_minutes or a stop signal.
+    """Train until train.epochs, early stopping (plateau schedule), train.max_steps, train.max_minutes
+    (counted from run.started) or a stop signal, validating each epoch or every train.val_every steps.
 
     `run` is a step.Run (step.make_run), `val_paths` the validation case files, `resume` a loaded
     checkpoint to continue. Returns (path of best.pt, the signal number that stopped training or
     None). Under torchrun `run.model` is DDP-wrapped and every rank calls fit; rank 0 writes."""
-    start_epoch, history, progress = restore_state(run, resume) if resume else (1, [], new_progress())
-    best_path, started, epochs = os.path.join(run_dir, "best.pt"), time.time(), run.cfg.train.epochs
+    history, position = restore_state(run, resume) if resume else ([], new_progress())
     cache = CaseCache(case_format(run.cfg.data), run.cfg.data.cache_gb * 2 ** 30)  # validation cases
     if not val_paths:
         log.info("no validation cases (data.val_fraction 0): best.pt, the learning rate and early stopping "
                  "follow the training loss")
     with GracefulStop() as stop:
-        for epoch in range(start_epoch, epochs + 1):
-            epoch_start = time.time()
-            loader = epoch_loader(run, train_set, epoch, progress["steps"])
-            train_one_epoch(run, loader, stop, progress, desc=f"epoch {epoch}/{epochs}")
-            train_loss, loss_sum, count = epoch_train_loss(progress)
+        while True:
+            round_start = time.time()
+            reason = train_round(run, train_set, position, stop)
+            train_loss, loss_sum, count = round_train_loss(position)
             if distributed.broadcast_flag(stop.requested):
                 if distributed.is_main():
-                    partial = dict(progress, loss_sum=loss_sum, count=count, epoch=epoch)
-                    save_last(run_dir, checkpoint_state(run, epoch - 1, history, partial))
+                    save_last(run_dir, checkpoint_state(run, history, dict(position, loss_sum=loss_sum, count=count)))
                 distributed.barrier()
-                return best_path, stop.signal or signal.SIGTERM  # another rank got the signal
-            progress = new_progress()
+                return os.path.join(run_dir, "best.pt"), stop.signal or signal.SIGTERM  # or another rank's
+            position.update(loss_sum=0.0, count=0)
             distributed.broadcast_buffers(run.model)  # batch norm statistics as rank 0 (and the checkpoint) has them
-            validation = validate(run, val_paths, cache)
-            row, improved = end_of_epoch(run, epoch, train_loss, validation, time.time() - epoch_start)
+            row, improved = end_of_round(run, train_loss, validate(run, val_paths, cache), time.time() - round_start,
+                                         history)
             history.append(row)
             if distributed.is_main():
-                write_outputs(run, run_dir, history, improved)
-            if should_stop(run, started):
+                write_outputs(run, run_dir, history, position, improved)
+            if reason == "end" or should_stop(run):
                 break
     distributed.barrier()  # best.pt is on disk before any rank goes on to evaluate it
-    return best_path, None
+    return os.path.join(run_dir, "best.pt"), None
 
 
-def write_outputs(run, run_dir, history, improved):
-    """last.pt, best.pt when the epoch improved, metrics.csv and curves.png; rank 0 only."""
-    state = checkpoint_state(run, history[-1]["epoch"], history)
+def write_outputs(run, run_dir, history, position, improved):
+    """last.pt, best.pt when the round improved, metrics.csv and curves.png; rank 0 only."""
+    state = checkpoint_state(run, history, position)
     if improved:
         save_checkpoint(os.path.join(run_dir, "best.pt"), state)
     save_last(run_dir, state)

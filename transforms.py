@@ -73,6 +73,15 @@ def resampled_shape(shape, spacing, target):
     return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target))
 
 
+def target_spacing(native, target):
+    """The spacing (mm) a case at `native` spacing is resampled to for data.spacing `target`: each axis
+    at the target but never finer than its own; None when that is the native spacing or no target."""
+    if not target:
+        return None
+    spacing = tuple(max(float(t), float(n)) for t, n in zip(target, native))
+    return None if all(abs(s - float(n)) < 1e-6 for s, n in zip(spacing, native)) else spacing
+
+
 def resample_image(image, spacing, target):
     """Trilinear resampling of a channel-first image (C, D, H, W) from `spacing` to `target` mm."""
     image = torch.as_tensor(image)

@@ -17,7 +17,7 @@ from train import checkpoint_state, restore_state
 
 ENV = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
 CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "scaler", "early_stopping", "epoch", "best_score", "config",
-                   "history", "rng", "partial"}
+                   "history", "rng", "partial", "step"}
 
 
 class Payload:
@@ -66,12 +66,13 @@ def test_a_run_state_round_trips_through_a_checkpoint_file(tmp_path):
     run.scheduler.step(0.5)
     run.stopper.update(0.7)
     partial = {"steps": 3, "loss_sum": 1.5, "count": 3, "epoch": 2}
-    save_checkpoint(str(tmp_path / "last.pt"), checkpoint_state(run, 1, [{"epoch": 1}], partial))
+    save_checkpoint(str(tmp_path / "last.pt"), checkpoint_state(run, [{"epoch": 1}], partial))
     state = load_checkpoint(str(tmp_path / "last.pt"))
-    assert set(state) == CHECKPOINT_KEYS and state["best_score"] == 0.7  # the keys older checkpoints have
+    assert set(state) == CHECKPOINT_KEYS and state["best_score"] == 0.7  # older keys, plus the step count
+    assert state["epoch"] == 1 and state["step"] == 1
     fresh = tiny_run(1)
-    next_epoch, history, progress = restore_state(fresh, state)
-    assert (next_epoch, history, progress) == (2, [{"epoch": 1}], {"steps": 3, "loss_sum": 1.5, "count": 3})
+    history, position = restore_state(fresh, state)
+    assert (history, position, fresh.step) == ([{"epoch": 1}], partial, 1)
     for name, value in run.model.state_dict().items():
         assert torch.equal(fresh.model.state_dict()[name], value), name
     assert fresh.optimizer.state_dict()["state"].keys() == run.optimizer.state_dict()["state"].keys()

@@ -117,3 +117,34 @@ def test_training_refuses_a_bad_combination_in_one_line_before_touching_data(tmp
                    "--train.out_dir", str(tmp_path / "runs")])
     assert stop.value.code == "error: model.in_channels (3) must equal data.channels (4)"
     assert not (tmp_path / "runs").exists()
+
+
+def test_spacing_is_native_when_empty_or_0_and_three_numbers_otherwise():
+    assert build_config({}).data.spacing == () and build_config({"data.spacing": "0"}).data.spacing == ()
+    assert build_config({"data.spacing": "1.5"}).data.spacing == (1.5, 1.5, 1.5)
+    assert build_config({"data.spacing": "1,1,2"}).data.spacing == (1.0, 1.0, 2.0)
+    assert from_dict(to_dict(build_config({"data.spacing": "2"}))).data.spacing == (2.0, 2.0, 2.0)
+    with pytest.raises(ValueError, match="data.spacing"):
+        build_config({"data.spacing": "1,2"})
+
+
+@pytest.mark.parametrize("pairs, message", [
+    ({"train.schedule": "step"}, "train.schedule"), ({"train.plan": "maybe"}, "train.plan"),
+    ({"train.schedule": "poly"}, "train.max_steps > 0"), ({"train.val_every": "-1"}, "train.val_every"),
+    ({"train.epochs": "0"}, "nothing would end training")])
+def test_the_check_names_a_bad_schedule_or_training_length(pairs, message):
+    with pytest.raises(ValueError, match=message):
+        check(build_config(pairs))
+    check(build_config({"train.schedule": "cosine", "train.max_steps": "10", "train.epochs": "0"}))
+
+
+def test_explicit_keys_come_from_the_preset_the_config_file_and_the_command_line(tmp_path):
+    from config import explicit_keys
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps({"train": {"lr": 0.01}, "data.spacing": 2}))
+    pairs = {"model.base_channels": "8"}
+    cfg = build_config(pairs, "lgg2d", str(path))
+    explicit = explicit_keys(cfg, pairs, "lgg2d", str(path))
+    assert explicit["train.lr"] == 0.01 and explicit["data.spacing"] == (2.0, 2.0, 2.0)
+    assert explicit["model.base_channels"] == 8 and explicit["data.mode"] == "slices"  # the preset's
+    assert "train.epochs" in explicit and "data.dir" not in explicit

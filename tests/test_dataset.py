@@ -166,3 +166,19 @@ def test_slices_train_on_tumour_slices_and_validate_on_every_slice_in_order(tiny
     with h5py.File(paths[1]) as f:
         tumour = f["mask"][()].reshape(20, -1).any(1)
     assert [bool(every[20 + z]["target"].any()) for z in range(20)] == tumour.tolist()
+
+
+def test_patches_at_a_coarser_spacing_come_from_the_case_resampled_once(tmp_path):
+    from conftest import blob_case
+    from transforms import resampled_shape
+    image, mask = blob_case(np.random.default_rng(0), (20, 24, 22))
+    path = write_case(str(tmp_path / "c.h5"), image, mask, spacing=(1.0, 1.0, 2.0))
+    cfg = DataConfig(mode="patch", patch_size=(8, 8, 8), spacing=(2.0, 2.0, 2.0), augment=False)
+    ds = PatchDataset([path], cfg, train=True)
+    sample = ds[0]
+    assert sample["image"].shape == (4, 8, 8, 8) and sample["target"].shape == (3, 8, 8, 8)
+    resampled, labels, points, _ = ds.cache[0]  # prepared once, kept within data.cache_gb
+    assert resampled.shape[1:] == labels.shape == resampled_shape((20, 24, 22), (1, 1, 2), (2, 2, 2)) == (10, 12, 22)
+    assert set(labels.unique().tolist()) <= {0, 1, 2, 4} and len(points) == int((labels > 0).sum())
+    assert ds.target(0) == (2.0, 2.0, 2.0)
+    assert PatchDataset([path], DataConfig(mode="patch", spacing=(1.0, 1.0, 1.0)), train=True).target(0) is None

@@ -124,3 +124,20 @@ def test_small_enhancing_tumour_becomes_necrosis(et_voxels, threshold, kept):
     assert out[2].sum() == (et_voxels if kept else 0)
     assert (out[1] >= regions[2]).all() and (out[0] == regions[0]).all()
     assert regions[2].sum() == et_voxels  # the input is left as it was
+
+
+def test_a_patch_model_at_a_coarser_spacing_predicts_at_the_native_shape():
+    from conftest import SHAPE, TumourDetector, bright_case
+    case = bright_case()
+    cfg = Config()
+    cfg.data.mode, cfg.data.patch_size, cfg.data.spacing = "patch", (8, 8, 8), (2.0, 2.0, 2.0)
+    probs = predict_case(TumourDetector(), case.image, cfg, torch.device("cpu"), spacing=(1.0, 1.0, 1.0))
+    assert probs.shape == (3, *SHAPE)  # resampled to 6x7x5 for the window, brought back to the native grid
+    tumour = torch.from_numpy(case.mask > 0)
+    assert probs[0][tumour].mean() > 0.5 > probs[0][~tumour].mean()
+    with pytest.raises(ValueError, match="spacing must be given"):
+        predict_case(TumourDetector(), case.image, cfg, torch.device("cpu"))
+    cfg.data.spacing = (0.5, 0.5, 0.5)  # finer than the case: never resampled up, the native grid as it is
+    native = predict_case(TumourDetector(), case.image, cfg, torch.device("cpu"), spacing=(1.0, 1.0, 1.0))
+    cfg.data.spacing = ()
+    torch.testing.assert_close(native, predict_case(TumourDetector(), case.image, cfg, torch.device("cpu")))

@@ -7,6 +7,7 @@ import os
 import numpy as np
 import pytest
 
+import fingerprint
 import plan
 from cases import CaseFormat, write_case
 from config import ModelConfig
@@ -157,10 +158,10 @@ def test_format_and_write_plan(tmp_path):
 
 
 def test_fit_line_recovers_a_line_and_stays_positive():
-    assert plan.fit_line([1, 2, 3], [1.5, 2.5, 3.5]) == pytest.approx((0.5, 1.0))
-    intercept, slope = plan.fit_line([1, 2, 3], [3.0, 2.0, 2.5])  # noise: a negative slope
+    assert fingerprint.fit_line([1, 2, 3], [1.5, 2.5, 3.5]) == pytest.approx((0.5, 1.0))
+    intercept, slope = fingerprint.fit_line([1, 2, 3], [3.0, 2.0, 2.5])  # noise: a negative slope
     assert intercept == 0 and slope > 0
-    assert plan.fit_line([8], [2.0]) == (0.0, 0.25)
+    assert fingerprint.fit_line([8], [2.0]) == (0.0, 0.25)
 
 
 # ----------------------------------------------------------------------------- real files and torch
@@ -178,7 +179,7 @@ def test_fingerprint_of_three_tiny_cases(tmp_path):
     shapes = [(20, 24, 22), (18, 26, 20), (22, 22, 24)]
     spacings = [(1.0, 1.0, 1.0), (1.2, 1.0, 1.0), (1.0, 0.9, 1.0)]
     paths = write_cases(str(tmp_path), shapes, spacings)
-    fp = plan.fingerprint(paths, CaseFormat())
+    fp = fingerprint.fingerprint(paths, CaseFormat())
     assert fp["n_cases"] == 3
     assert fp["median_shape"] == [20, 24, 22] and fp["median_spacing"] == [1.0, 1.0, 1.0]
     assert fp["cases_without_region"] == {"WT": 0, "TC": 0, "ET": 1}
@@ -193,7 +194,7 @@ def test_fingerprint_of_three_tiny_cases(tmp_path):
     assert len(fp["intensity"]) == 4 and fp["intensity"][2]["p99_5"] > fp["intensity"][2]["p00_5"]
     assert fp["smallest_region"]["name"] == "ET"
     assert fp["smallest_region"]["share"] == min(fp["median_region_share"].values())
-    assert plan.fingerprint(list(reversed(paths)), CaseFormat()) == fp  # deterministic, order-free
+    assert fingerprint.fingerprint(list(reversed(paths)), CaseFormat()) == fp  # deterministic, order-free
     json.dumps(fp)
 
 
@@ -201,12 +202,12 @@ def test_fingerprint_names_a_bad_file(tmp_path):
     bad = tmp_path / "broken.h5"
     bad.write_bytes(b"not hdf5")
     with pytest.raises(ValueError, match="broken.h5"):
-        plan.fingerprint([str(bad)], CaseFormat())
+        fingerprint.fingerprint([str(bad)], CaseFormat())
 
 
 def test_measure_speed_gives_a_table_the_planner_reads():
     model_cfg = ModelConfig(base_channels=4, depth=2)
-    speed = plan.measure_speed(model_cfg, "cpu", sizes=((16, 16, 16), (8, 16, 16)), batch_size=1, repeats=1)
+    speed = fingerprint.measure_speed(model_cfg, "cpu", sizes=((16, 16, 16), (8, 16, 16)), batch_size=1, repeats=1)
     assert speed["device"] == "cpu" and speed["batch_size"] == 1 and speed["depth"] == 2
     assert [(p["base_channels"], p["size"], p["voxels"]) for p in speed["points"]] == \
         [(4, [16, 16, 16], 4096), (4, [8, 16, 16], 2048)]
@@ -222,3 +223,48 @@ def test_every_planned_key_says_why():
         assert set(p["why"]) >= set(p["values"]) and all(p["why"][key] for key in p["values"])
     implied = plan.plan_recipe(FINGERPRINTS["brats 1 mm"], 25, SPEEDS["cpu"], {"data.patch_size": 64})
     assert implied["why"]["data.mode"] == "implied by the explicit data.patch_size"
+
+
+def test_measure_speed_stops_timing_sizes_after_max_seconds_but_keeps_one_per_width():
+    speed = fingerprint.measure_speed(ModelConfig(base_channels=2, depth=1), "cpu", sizes=((8, 8, 8), (16, 16, 16)),
+                                      batch_size=1, widths=(2, 4), repeats=1, max_seconds=0)
+    assert [(p["base_channels"], p["size"]) for p in speed["points"]] == [(2, [8, 8, 8]), (4, [8, 8, 8])]
+
+
+# ------------------------------------------------------------------------------------- end to end
+
+def test_main_with_a_budget_plans_trains_evaluates_and_keeps_explicit_keys(tiny_dataset, tmp_path, monkeypatch):
+    import main
+    from checkpoint import load_checkpoint
+    main.main(["--data.dir", tiny_dataset, "--train.max_minutes", "0.1", "--train.out_dir", str(tmp_path),
+               "--train.name", "planned", "--model.base_channels", "4", "--train.batch_size", "3",
+               "--data.num_workers", "0"])
+    run_dir = tmp_path / "planned"
+    saved = json.loads((run_dir / "plan.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text())
+    values = saved["values"]
+    assert values["train.schedule"] == "poly" and values["train.batch_dice"] is True and values["train.epochs"] == 0
+    for key in ("model.base_channels", "train.batch_size"):  # explicit keys win, end to end
+        assert saved["why"][key] == "set explicitly" and saved["inputs"]["explicit"][key] in (4, 3)
+    assert (config["model"]["base_channels"], config["train"]["batch_size"]) == (4, 3)
+    for key, value in values.items():  # config.json (what evaluation rebuilds) is the planned config
+        section, name = key.split(".")
+        assert config[section][name] == value, key
+    assert config["data"]["image_size" if values["data.mode"] == "resize" else "patch_size"] is not None
+    state = load_checkpoint(str(run_dir / "best.pt"))
+    assert state["config"] == config and state["scheduler"] is None
+    assert (run_dir / "summary.json").is_file()  # evaluated
+    assert saved["inputs"]["budget_minutes"] < 0.1  # the measurement counted against the budget
+    # a resumed run keeps the saved plan: its config is the checkpoint's, nothing is measured again
+    monkeypatch.setattr(main, "measure_speed", lambda *a, **k: pytest.fail("resume measured the speed again"))
+    main.main(["--resume", str(run_dir)])
+    assert json.loads((run_dir / "plan.json").read_text()) == saved
+    assert json.loads((run_dir / "config.json").read_text()) == config
+
+
+def test_no_plan_without_a_budget_or_with_plan_off(tiny_dataset):
+    import main
+    cfg = main.build_config({"data.dir": tiny_dataset, "train.max_minutes": "0.05", "train.plan": "off"})
+    assert main.make_plan(cfg, {}, {"train": [], "val": []}, None, 0) is None  # off: nothing planned or measured
+    cfg.train.plan, cfg.train.max_minutes = "auto", 0
+    assert main.make_plan(cfg, {}, {"train": [], "val": []}, None, 0) is None  # no budget: nothing planned

@@ -3,6 +3,7 @@ path (train.validate), and a run without validation cases."""
 import csv
 import logging
 import os
+import shutil
 import warnings
 
 import numpy as np
@@ -18,7 +19,7 @@ from losses import DiceBCELoss
 from main import run as main_run
 from model import UNet
 from scoring import CaseCache
-from step import make_run, train_step
+from step import make_run, scheduled_lr, train_step
 from train import validate
 
 CPU = torch.device("cpu")
@@ -108,9 +109,63 @@ def test_without_validation_cases_best_pt_follows_the_training_loss(tiny_dataset
         warnings.simplefilter("error", RuntimeWarning)  # no "mean of empty slice"
         run_dir = main_run(cfg)
     assert sum("no validation cases" in r.getMessage() for r in caplog.records) == 1
+    # no train.max_minutes: nothing planned, today's recipe (ReduceLROnPlateau, early stopping)
+    assert not os.path.exists(os.path.join(run_dir, "plan.json"))
+    saved = load_checkpoint(os.path.join(run_dir, "last.pt"))
+    assert saved["config"]["train"]["schedule"] == "plateau" and saved["scheduler"] is not None
     rows = list(csv.DictReader(open(os.path.join(run_dir, "metrics.csv"))))
     assert len(rows) == 2 and not [k for k in rows[0] if k.startswith("val_")]
     best = load_checkpoint(os.path.join(run_dir, "best.pt"))
     losses = [float(r["train_loss"]) for r in rows]
     assert best["epoch"] == 1 + int(np.argmin(losses))
     assert -best["best_score"] == pytest.approx(min(losses), abs=1e-4)
+
+
+@pytest.mark.parametrize("schedule", ["poly", "cosine"])
+def test_a_schedule_by_step_warms_up_then_decays_to_about_0_at_max_steps(schedule):
+    model = UNet(in_channels=4, out_channels=3, base_channels=2, depth=1)
+    run = tiny_run(model, schedule=schedule, max_steps=12, warmup_steps=2, lr=0.01)
+    assert run.scheduler is None and not run.stopper.should_stop  # no plateau, no early stopping
+    batch = {"image": torch.randn(1, 4, 8, 8, 8), "target": torch.zeros(1, 3, 8, 8, 8)}
+    lrs = []
+    for _ in range(12):
+        train_step(run, batch)
+        lrs.append(run.optimizer.param_groups[0]["lr"])
+    assert run.step == 12 and lrs[:3] == pytest.approx([0.01 / 3, 0.02 / 3, 0.01])  # warm-up, then the top
+    assert all(a > b for a, b in zip(lrs[2:], lrs[3:]))  # decays every step after it
+    assert lrs[-1] < 0.01 * 0.15 and scheduled_lr(0.01, 12, run.cfg.train) == pytest.approx(0, abs=1e-12)
+
+
+def tiny_cli(data, out, name, *extra):
+    return ["--data.dir", data, "--train.out_dir", str(out), "--train.name", name, "--data.image_size", "16",
+            "--model.base_channels", "4", "--model.depth", "2", "--data.num_workers", "0", "--train.batch_size", "1",
+            "--data.val_fraction", "0.2", "--data.test_fraction", "0.2", "--train.deterministic", "true", *extra]
+
+
+def rows(run_dir):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(open(
+        os.path.join(run_dir, "metrics.csv")))]
+
+
+def test_validation_every_n_steps_and_an_exact_resume_mid_schedule(tiny_dataset, tmp_path):
+    import main
+    # 4 training cases, batch 1: 4 steps an epoch; validation at steps 3 and 6 (inside epochs) and 8 (the end)
+    schedule = ["--train.schedule", "poly", "--train.max_steps", "8", "--train.warmup_steps", "2",
+                "--train.val_every", "3", "--train.epochs", "0"]
+    main.main(tiny_cli(tiny_dataset, tmp_path, "ref", *schedule))
+    reference = str(tmp_path / "ref")
+    assert [(r["epoch"], r["step"]) for r in rows(reference)] == [("1", "3"), ("2", "6"), ("3", "8")]
+    assert float(rows(reference)[-1]["lr"]) < 1e-3 * 0.2  # poly near its end
+    # last.prev.pt is the state after the validation at step 6, in the middle of epoch 2: resume from it
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    for name in ("split.json", "config.json", "best.pt"):
+        shutil.copy(os.path.join(reference, name), resumed / name)
+    shutil.copy(os.path.join(reference, "last.prev.pt"), resumed / "last.pt")
+    state = load_checkpoint(str(resumed / "last.pt"))
+    assert state["step"] == 6 and state["epoch"] == 1 and state["partial"]["steps"] == 2
+    main.main(["--resume", str(resumed)])
+    assert rows(str(resumed)) == rows(reference)
+    mine, theirs = (load_checkpoint(os.path.join(d, "last.pt"))["model"] for d in (str(resumed), reference))
+    for key in theirs:
+        torch.testing.assert_close(mine[key], theirs[key], rtol=1e-5, atol=1e-6, msg=key)

@@ -1,0 +1,174 @@
+"""What the planner measures (issue 12): the training cases' fingerprint and the device's speed.
+
+  fingerprint(paths, fmt)              what the training cases look like: a plain dict
+  measure_speed(model_cfg, device)     seconds per training step at a few sizes: the speed table
+  fit_speed(speed)                     a line per width through it: seconds = a + b * voxels
+
+plan.plan_recipe turns both, with the time budget, into the recipe to train with.
+"""
+import dataclasses
+import logging
+import math
+import time
+
+import numpy as np
+import torch
+
+from cases import read_case
+from config import ModelConfig
+from losses import DiceBCELoss
+from model import build_model
+from transforms import labels_to_regions, task_regions
+
+log = logging.getLogger(__name__)
+
+SPEED_SIZES = ((32, 32, 32), (48, 48, 48), (64, 64, 64))  # sample sizes measure_speed times by default
+# Batch of 2 as nnU-Net in 3D: under a time budget a larger batch buys fewer steps, and instance
+# norm needs no batch statistics. The planner plans it; the speed table times it.
+BATCH_SIZE = 2
+
+# ------------------------------------------------------------------------------------ fingerprint
+
+def case_fingerprint(case, regions):
+    """Shape, spacing, per-channel brain intensity stats and region voxel counts of one Case."""
+    brain = np.any(case.image != 0, axis=0)
+    intensity = []
+    for channel in case.image:  # over each channel's own non-zero voxels, as zscore_brain normalises
+        values = channel[channel != 0].astype(np.float64)
+        if values.size == 0:
+            values = np.zeros(1)
+        intensity.append({"mean": values.mean(), "std": values.std(),
+                          "p00_5": np.percentile(values, 0.5), "p99_5": np.percentile(values, 99.5)})
+    voxels = labels_to_regions(case.mask, regions).sum(dim=tuple(range(1, case.mask.ndim + 1))).tolist()
+    return {"shape": list(case.image.shape[1:]), "spacing": list(case.spacing), "brain_voxels": int(brain.sum()),
+            "intensity": intensity, "region_voxels": dict(zip(regions, voxels))}
+
+
+def _median(values):
+    return float(np.median(np.asarray(values, dtype=np.float64)))
+
+
+def fingerprint(paths, fmt, task="brats"):
+    """What the training cases look like, as a plain dict (deterministic for the same files):
+    n_cases, median shape (brain-cropped, as stored) and spacing (mm, D/H/W), intensity stats of each
+    channel over its non-zero voxels (medians over cases), median tumour voxels and share of the brain
+    per region, how many cases lack each region, and the smallest region by median share."""
+    if not paths:
+        raise ValueError("fingerprint: no training cases")
+    regions = task_regions(task)
+    per_case = [case_fingerprint(read_case(path, fmt), regions) for path in sorted(paths)]
+    shares = {r: [c["region_voxels"][r] / max(c["brain_voxels"], 1) for c in per_case] for r in regions}
+    median_share = {r: _median(v) for r, v in shares.items()}
+    smallest = min(regions, key=lambda r: (median_share[r], list(regions).index(r)))
+    channels = len(per_case[0]["intensity"])
+    return {
+        "n_cases": len(per_case),
+        "median_shape": [_median([c["shape"][a] for c in per_case]) for a in range(3)],
+        "median_spacing": [_median([c["spacing"][a] for c in per_case]) for a in range(3)],
+        "median_brain_voxels": _median([c["brain_voxels"] for c in per_case]),
+        "intensity": [{stat: _median([c["intensity"][ch][stat] for c in per_case])
+                       for stat in ("mean", "std", "p00_5", "p99_5")} for ch in range(channels)],
+        "median_region_voxels": {r: _median([c["region_voxels"][r] for c in per_case]) for r in regions},
+        "median_region_share": median_share,
+        "cases_without_region": {r: sum(c["region_voxels"][r] == 0 for c in per_case) for r in regions},
+        "smallest_region": {"name": smallest, "share": median_share[smallest]},
+    }
+
+
+# ------------------------------------------------------------------------------------ speed table
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _time(fn, device, repeats):
+    fn()  # warm-up: allocator, kernels, autotuning
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    _sync(device)
+    return (time.perf_counter() - start) / repeats
+
+
+def measure_speed(model_cfg, device, sizes=SPEED_SIZES, batch_size=BATCH_SIZE, widths=None, repeats=2,
+                  amp_dtype=None, prepare=None, seed=0, max_seconds=None):
+    """Time real training steps (forward, Dice+BCE loss, backward, Adam step) and no-grad forwards
+    at each sample size and network width, after one warm-up each. model_cfg: a ModelConfig or a
+    dict of its fields; widths: base_channels to time (default: model_cfg's); prepare: optional
+    model -> model (e.g. train.prepare_model) so the timing sees the layout training uses;
+    max_seconds: time no further size of a width once its sizes so far took this long (a slow or busy
+    device still gets at least one point per width; give the sizes smallest first).
+    Returns the speed table {"device", "batch_size", "depth", "points": [...]}."""
+    model_cfg = ModelConfig(**model_cfg) if isinstance(model_cfg, dict) else model_cfg
+    device = torch.device(device)
+    torch.manual_seed(seed)
+    points = []
+    for width in widths or (model_cfg.base_channels,):
+        model = build_model(dataclasses.replace(model_cfg, base_channels=width)).to(device)
+        model = prepare(model) if prepare else model
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+        loss_fn = DiceBCELoss()
+        width_start = time.perf_counter()
+        for size in sizes:
+            timed = [p for p in points if p["base_channels"] == width]
+            if timed and max_seconds is not None and time.perf_counter() - width_start > max_seconds:
+                log.info("speed: width %d timed at %d of %d sizes (max_seconds %g)", width, len(timed), len(sizes),
+                         max_seconds)
+                break
+            image = torch.randn(batch_size, model_cfg.in_channels, *size, device=device)
+            target = (torch.rand(batch_size, model_cfg.out_channels, *size, device=device) > 0.9).float()
+
+            def step():
+                with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+                    loss = loss_fn(model(image), target)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+
+            def forward():
+                with torch.no_grad(), torch.autocast(device.type, dtype=amp_dtype or torch.float32,
+                                                     enabled=amp_dtype is not None):
+                    model(image)
+
+            model.train()
+            step_s = _time(step, device, repeats)
+            model.eval()
+            forward_s = _time(forward, device, repeats)
+            points.append({"base_channels": width, "size": list(size), "voxels": batch_size * math.prod(size),
+                           "step_seconds": step_s, "forward_seconds": forward_s})
+            log.debug("speed: width %d, %s x %d: %.3f s/step, %.3f s/forward", width, size, batch_size,
+                      step_s, forward_s)
+    return {"device": str(device), "precision": str(amp_dtype or torch.float32).replace("torch.", ""),
+            "batch_size": batch_size, "depth": model_cfg.depth, "points": points}
+
+
+# ------------------------------------------------------------------------------------ speed fits
+
+def fit_line(voxels, seconds):
+    """(intercept s, slope s/voxel) of a least-squares line; through the origin when the line
+    would have a negative intercept or slope (timing noise at small sizes)."""
+    v, t = np.asarray(voxels, np.float64), np.asarray(seconds, np.float64)
+    if len(v) >= 2 and np.ptp(v) > 0:
+        slope, intercept = np.polyfit(v, t, 1)
+        if slope > 0 and intercept >= 0:
+            return float(intercept), float(slope)
+    return 0.0, float((t * v).sum() / (v * v).sum())
+
+
+def fit_speed(speed):
+    """{base_channels: {"step": (a, b), "forward": (a, b)}}: seconds = a + b * voxels in the batch."""
+    widths = sorted({p["base_channels"] for p in speed["points"]})
+    fits = {}
+    for width in widths:
+        points = [p for p in speed["points"] if p["base_channels"] == width]
+        voxels = [p["voxels"] for p in points]
+        fits[width] = {"step": fit_line(voxels, [p["step_seconds"] for p in points]),
+                       "forward": fit_line(voxels, [p["forward_seconds"] for p in points])}
+    return fits
+
+
+def seconds_at(line, voxels):
+    """Seconds a fitted line (fit_speed) gives for a batch of `voxels`."""
+    return line[0] + line[1] * voxels
