@@ -163,6 +163,9 @@ def run(cfg, resume=None, explicit=None):
     loss_fn = DiceBCELoss(cfg.train.dice_weight, cfg.train.bce_weight, cfg.train.batch_dice)
     training = make_run(cfg, model, loss_fn, device)
     training.started = started
+    # the plan's step count came from a few seconds of timing: fit it to the real pace once training runs
+    training.fit_steps_to_budget = plan is not None and "train.max_steps" in plan["values"] and \
+        "train.max_steps" not in (explicit or {})
     best_path, stopped_by = fit(training, train_set, val_paths, run_dir, resume[1] if resume else None)
     if stopped_by is not None:
         if not distributed.is_main():

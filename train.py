@@ -138,6 +138,27 @@ def end_of_round(run, train_loss, validation, seconds, history):
     return row, improved
 
 
+def refit_steps(run, train_seconds, val_seconds):
+    """Re-fit a planned train.max_steps and train.val_every to the pace of the first round.
+
+    The plan counted steps from a few seconds of timing before training, which a busy machine or a
+    slow first step can get wrong by a factor of several; the first round measures the real cost of
+    a step and of a validation. Keeping the planned number of validation rounds, the steps left are
+    what the rest of train.max_minutes buys, so the schedule reaches its end when the budget does.
+    The new values go into run.cfg, which every checkpoint saves, so a resumed run keeps them."""
+    tc = run.cfg.train
+    rounds_left = max(tc.max_steps // max(tc.val_every, 1) - 1, 0)
+    seconds_left = tc.max_minutes * 60 - (time.time() - run.started) - rounds_left * val_seconds
+    per_step = train_seconds / max(run.step, 1)
+    steps = run.step + max(int(seconds_left / per_step), 0)
+    steps = int(distributed.broadcast_object(steps))  # every rank follows rank 0's clock
+    log.info("first round: %.2f s a step, %.1f s a validation: train.max_steps %d -> %d", per_step, val_seconds,
+             tc.max_steps, steps)
+    tc.max_steps = max(steps, run.step)
+    if tc.val_every:
+        tc.val_every = max(1, (tc.max_steps - run.step) // max(rounds_left, 1))
+
+
 def checkpoint_state(run, history, position):
     """Everything needed to continue exactly: `epoch` is the last completed epoch; `partial` the
     position in the next one ({"epoch", "steps", "loss_sum", "count"}) when it has begun; `step`
@@ -224,8 +245,11 @@ def fit(run, train_set, val_paths, run_dir, resume=None):
                 return os.path.join(run_dir, "best.pt"), stop.signal or signal.SIGTERM  # or another rank's
             position.update(loss_sum=0.0, count=0)
             distributed.broadcast_buffers(run.model)  # batch norm statistics as rank 0 (and the checkpoint) has them
-            row, improved = end_of_round(run, train_loss, validate(run, val_paths, cache), time.time() - round_start,
-                                         history)
+            val_start = time.time()
+            validation = validate(run, val_paths, cache)
+            if run.fit_steps_to_budget and not history:
+                refit_steps(run, val_start - round_start, time.time() - val_start)
+            row, improved = end_of_round(run, train_loss, validation, time.time() - round_start, history)
             history.append(row)
             if distributed.is_main():
                 write_outputs(run, run_dir, history, position, improved)
