@@ -127,8 +127,8 @@ class EvalConfig:
     gaussian: bool = True              # patch mode: weight windows by a Gaussian (centres count more)
     mirror: bool = False               # test-time augmentation: average over every axis flip (8x slower in 3D)
     postprocess_et_min: int = 0        # brats task: predicted ET below this many voxels becomes necrosis (0: off)
-    largest_component: bool = False    # keep only the largest connected (3D) component of each predicted
-                                       # region, as mateuszbuda's LGG reference does
+    largest_component: bool = False    # keep only the largest connected (3D) component of the predicted
+                                       # tumour, with its labels, as mateuszbuda's LGG reference does
     enhancing_label: int = 4           # label written for enhancing tumour in exported maps (3 for BraTS 2023+)
     save_probabilities: bool = False   # with --save-predictions, also write region probabilities (.npz)
     min_component_voxels: int = 0      # remove tumour components (face-connected, all their labels) below this

@@ -16,12 +16,10 @@ import torch
 from checkpoint import CheckpointError, load_checkpoint, load_weights
 from config import Config, build_config, check
 from inference import predict_case
-from metrics import score_case, slice_scores
 from model import build_model
 from postselect import stored_config
 from precision import autocast_dtype, resolve_device
-from scoring import CaseResult, postprocess, scoring_grid
-from transforms import labels_to_regions, task_regions
+from scoring import score_probabilities
 
 log = logging.getLogger(__name__)
 FOLD_DIR = re.compile(r"^fold_(\d+)$")
@@ -110,18 +108,8 @@ def predict_probabilities(members, image, device):
     return total / len(members)
 
 
-def evaluate_ensemble_case(members, case, device, with_hd95=True):
-    """scoring.evaluate_case for an ensemble: the mean probabilities thresholded and postprocessed
-    with the first member's eval.* keys, then scored against the case's mask when it has one."""
-    cfg = members[0].cfg
-    task, regions = cfg.data.task, task_regions(cfg.data.task)
+def evaluate_ensemble_case(members, case, device, with_hd95=True, with_lesions=False):
+    """scoring.evaluate_case for an ensemble: the members' mean probabilities, thresholded and
+    postprocessed with the first member's eval.* keys, scored as one model's would be."""
     probs = predict_probabilities(members, case.image, device)
-    pred = postprocess((probs > cfg.eval.threshold).numpy(), cfg.eval, task)
-    if case.mask is None:
-        return CaseResult(probs, pred, None, {})
-    truth = labels_to_regions(case.mask, regions).numpy() > 0.5
-    scores = score_case(scoring_grid(pred, case.attrs), scoring_grid(truth, case.attrs), list(regions),
-                        case.spacing, with_hd95=with_hd95)
-    if task == "binary":
-        scores["slices"] = slice_scores(pred[0], truth[0])
-    return CaseResult(probs, pred, truth, scores)
+    return score_probabilities(probs, case, members[0].cfg, with_hd95, with_lesions)

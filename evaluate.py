@@ -8,8 +8,10 @@ overridden on the command line, and the postprocessing chosen on the validation 
 training (stored in the checkpoint, see postselect.py) applies unless an eval.* key given here
 overrides it. --split defaults to the config's eval.split (test unless changed). Writes
 per_case.csv and summary.json (means, std and median over cases of Dice, IoU, sensitivity,
-specificity and HD95 per region) to --out (default: the checkpoint's folder), prints a table,
-and draws an overlay PNG per case in --out/overlays.
+specificity and HD95 per region; brats: also the BraTS 2023 lesion-wise figures, see
+docs/evaluation.md) to --out (default: the checkpoint's folder), prints a table, and draws an
+overlay PNG per case in --out/overlays. The scores are those of the label map that
+--save-predictions writes.
 Binary tasks (data.task binary, e.g. Kaggle LGG) are scored per patient: each patient's slices
 stacked into one volume, voxel counts summed, Dice and IoU from those counts (the headline; no
 HD95, whose empty-case value is BraTS's); beside it, under "per_slice", Dice and IoU averaged over
@@ -76,9 +78,9 @@ def evaluate_cases(model, paths, cfg, device, out_dir=None, save_predictions=Fal
     for path in tqdm(paths, desc="evaluate" if labelled else "predict", leave=False, dynamic_ncols=True,
                      disable=not distributed.is_main()):
         case = read_case(path, fmt, with_mask=labelled)
-        with_hd95 = cfg.data.task == "brats"
-        result = (evaluate_ensemble_case(members, case, device, with_hd95) if members else
-                  evaluate_case(model, case, cfg, device, amp_dtype, with_hd95=with_hd95))
+        brats = cfg.data.task == "brats"
+        result = (evaluate_ensemble_case(members, case, device, brats, brats) if members else
+                  evaluate_case(model, case, cfg, device, amp_dtype, with_hd95=brats, with_lesions=brats))
         if save_predictions or overlays:
             export_case(out_dir, case, result.pred, result.probs.numpy() if cfg.eval.save_probabilities else None,
                         cfg.eval.enhancing_label, predictions=save_predictions, overlay=overlays, regions=regions)

@@ -8,6 +8,8 @@ when the case records a crop box). Probabilities go to `<case>_probabilities.npz
 WT/TC/ET, same grid and axis order as the label map). Overlays are PNGs of the FLAIR slice with
 the most tumour, ground truth and prediction contours per region. Every file is written atomically.
 A binary task (one region, e.g. Kaggle LGG) writes label 1 where tumour is predicted.
+The label map is postprocess.to_label_map of the scored regions (scoring.evaluate_case's `pred`,
+already the regions of the postprocessed map), so the file is exactly what was scored.
 """
 import gzip
 import io
@@ -19,17 +21,11 @@ import numpy as np
 
 from atomic import atomic_path
 from cases import to_original_grid
-from transforms import REGIONS, labels_to_regions, regions_to_labels
+from postprocess import to_label_map
+from transforms import REGIONS, labels_to_regions
 
 log = logging.getLogger(__name__)
 REGION_COLOURS = {"WT": "#2ca02c", "TC": "#ffbf00", "ET": "#d62728", "tumour": "#2ca02c"}
-
-
-def label_map(regions, enhancing_label=4):
-    """Boolean WT/TC/ET (3, *spatial) -> uint8 BraTS label map; one region (1, *spatial) -> 0/1."""
-    if len(regions) == 1:
-        return np.asarray(regions[0], np.uint8)
-    return regions_to_labels(np.asarray(regions, bool), enhancing_label).numpy().astype(np.uint8)
 
 
 def write_nifti(path, data, affine):
@@ -111,12 +107,14 @@ def export_case(out_dir, case, pred_regions, probs=None, enhancing_label=4, pred
     """Every requested output of one predicted case; returns the paths written.
 
     case: cases.Case (mask may be None); pred_regions: boolean (R, D, H, W) on the stored grid, one
-    channel per entry of `regions` ({name: labels}, the task's regions).
+    channel per entry of `regions` ({name: labels}, the task's regions): the scored regions
+    (scoring.evaluate_case's `pred`), whose label map is the one written.
     """
     written = []
     if predictions:
         folder = os.path.join(out_dir, "predictions")
-        labels = label_map(pred_regions, enhancing_label)
+        task = "binary" if len(regions) == 1 else "brats"   # the two tasks of config.TASK_REGIONS
+        labels = to_label_map(pred_regions, task, enhancing_label)
         written.append(save_label_map(folder, case.case_id, labels, case.attrs, case.spacing))
         if probs is not None:
             written.append(save_probabilities(folder, case.case_id, probs, case.attrs, list(regions)))

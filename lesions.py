@@ -34,6 +34,18 @@ MAX_HD95 = 374.0            # HD95 of a missed lesion or a false positive, mm
 _COMPONENTS = ndimage.generate_binary_structure(3, {6: 1, 18: 2, 26: 3}[CONNECTIVITY])
 _DILATION = ndimage.generate_binary_structure(3, DILATION_CONNECTIVITY)
 LESION_KEYS = ("lesion_dice", "lesion_hd95", "gt_lesions", "matched_lesions", "fp_lesions")
+LESION_COUNTS = LESION_KEYS[2:]   # counts: summed over cases in reports, the others averaged
+
+
+def scoring_parameters():
+    """The rules behind these figures as reports state them (summary.json's lesion_scoring)."""
+    return {"reference": "BraTS 2023 lesion-wise metrics (rachitsaluja/BraTS-2023-Metrics), BraTS-GLI parameters",
+            "connectivity": CONNECTIVITY,
+            "dilation": {"iterations": DILATION_ITERATIONS,
+                         "neighbourhood": {1: 6, 2: 18, 3: 26}[DILATION_CONNECTIVITY]},
+            "min_lesion_mm3": MIN_LESION_MM3, "max_hd95_mm": MAX_HD95,
+            "averages": "lesion_dice, lesion_hd95: mean over cases of each case's lesion-wise figure; "
+                        "gt_lesions, matched_lesions, fp_lesions: summed over cases"}
 
 
 def truth_lesions(truth, iterations=DILATION_ITERATIONS):

@@ -72,12 +72,16 @@ def score_case(pred_regions, truth_regions, region_names, spacing=None, with_hd9
     return scores
 
 
-def summarise(per_case, region_names):
-    """Mean, std and median over cases of every metric; `per_case` is a list of score_case outputs."""
+def summarise(per_case, region_names, summed=()):
+    """Mean, std and median over cases of every metric, except the counts named in `summed`, which
+    are totalled; `per_case` is a list of score_case outputs."""
     summary = {}
     for name in region_names:
         summary[name] = {}
         for metric in per_case[0][name] if per_case else ():
+            if metric in summed:
+                summary[name][metric] = int(sum(case[name][metric] for case in per_case))
+                continue
             values = np.array([case[name][metric] for case in per_case], dtype=float)
             summary[name][metric] = float(values.mean())
             summary[name][f"{metric}_std"] = float(values.std())

@@ -4,10 +4,11 @@ The sigmoid channels are thresholded separately, so a predicted ET may lie outsi
 outside WT. The exported file is the label map (WT -> 2, TC -> 1, ET -> 4, the more specific
 region winning), and BraTS scores that file, so evaluation must score the regions of the label map,
 not the raw channels: `label_map_regions` builds the map, postprocesses it in label space and
-returns its regions, nested ET within TC within WT. A binary task (one channel) is a 0/1 map.
+returns its regions, nested ET within TC within WT; scoring.evaluate_case scores them (validation
+and evaluation) and export.export_case writes `to_label_map` of them, which is that same map.
+A binary task (one channel) is a 0/1 map.
 The label-space operations, each driven by an eval.* key (0 / false: off): keep_largest_tumour,
 remove_small_tumours, relabel_small_enhancing; postselect.py chooses them on the validation cases.
-`remove_small_enhancing` and `keep_largest_component` are the older channel-space versions.
 """
 import numpy as np
 from scipy import ndimage
@@ -82,27 +83,3 @@ def label_map_regions(pred_regions, task, eval_cfg):
     the regions of the exported file (nested for brats), to be scored and exported."""
     labels = postprocess_labels(to_label_map(pred_regions, task), task, eval_cfg)
     return labels_to_regions(labels, task_regions(task)).numpy() > 0.5
-
-
-def keep_largest_component(regions):
-    """Postprocessing (mateuszbuda's LGG reference): in each region channel of a boolean
-    (R, *spatial) array keep only the largest face-connected component; returns a new array."""
-    regions = np.array(regions, dtype=bool)
-    for channel in regions:
-        components, count = ndimage.label(channel)
-        if count > 1:
-            sizes = np.bincount(components.ravel())[1:]
-            channel[...] = components == 1 + int(sizes.argmax())
-    return regions
-
-
-def remove_small_enhancing(regions, min_voxels):
-    """Postprocessing (nnU-Net's for BraTS): a predicted ET smaller than `min_voxels` voxels is
-    relabelled necrosis, i.e. cleared from the ET channel and added to TC (not to WT, so on channels
-    that are not nested use label_map_regions). `regions` is a boolean (3, *spatial) WT/TC/ET array
-    or tensor; returns a new one."""
-    regions = regions.copy() if hasattr(regions, "copy") else regions.clone()
-    if min_voxels > 0 and 0 < int(regions[2].sum()) < min_voxels:
-        regions[1] |= regions[2]
-        regions[2] = False
-    return regions

@@ -7,6 +7,7 @@ import io
 import os
 
 from atomic import atomic_path, write_json, write_text
+from lesions import LESION_COUNTS, LESION_KEYS, scoring_parameters
 from metrics import METRICS, pool_slice_scores, summarise
 
 PER_PATIENT = ("per patient: each patient's slices stacked into one volume, voxel counts summed, Dice and "
@@ -57,12 +58,15 @@ def plot_curves(path, rows):
 
 def write_reports(out_dir, results, split, extra, region_names=("WT", "TC", "ET")):
     """per_case.csv and summary.json; a binary task's per-case "slices" figures are pooled into
-    summary["per_slice"], and each figure says how it was computed."""
+    summary["per_slice"], lesion-wise figures (lesions.LESION_KEYS, when scored) are averaged
+    except the lesion counts, which are summed, and each figure says how it was computed."""
     rows = [{"case": cid, **{f"{r}_{m}": "" if v is None else round(v, 5) for r, s in scores.items()
                              for m, v in s.items()}} for cid, scores in results]
     write_csv(os.path.join(out_dir, "per_case.csv"), rows)
     summary = {"split": split, "cases": len(results), **extra,
-               "regions": summarise([scores for _, scores in results], list(region_names))}
+               "regions": summarise([scores for _, scores in results], list(region_names), LESION_COUNTS)}
+    if results and "lesion_dice" in results[0][1].get(region_names[0], {}):
+        summary["lesion_scoring"] = scoring_parameters()
     if results and "slices" in results[0][1]:
         summary["regions_scoring"] = PER_PATIENT
         summary["per_slice"] = {"scoring": PER_SLICE, **pool_slice_scores([s["slices"] for _, s in results])}
@@ -80,6 +84,13 @@ def format_table(summary):
              f"{'region':<8}" + "".join(f"{m:>13}" for m in metrics)]
     for region, values in summary["regions"].items():
         lines.append(f"{region:<8}" + "".join(f"{values.get(m, float('nan')):>13.4f}" for m in metrics))
+    if "lesion_scoring" in summary:
+        lesion = [m for m in LESION_KEYS if m in first]
+        lines.append("lesion-wise (BraTS 2023): Dice and HD95 means over cases, lesion counts summed")
+        lines.append(f"{'region':<8}" + "".join(f"{m:>16}" for m in lesion))
+        for region, values in summary["regions"].items():
+            lines.append(f"{region:<8}" + "".join(f"{values[m]:>16.4f}" if m not in LESION_COUNTS
+                                                  else f"{values[m]:>16d}" for m in lesion))
     if per_slice:
         dice, iou = (per_slice[k] for k in ("dice_over_tumour_slices", "iou_over_tumour_slices"))
         lines.append(f"per-slice over {per_slice['tumour_slices']} tumour-containing slices: "

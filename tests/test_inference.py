@@ -1,13 +1,11 @@
 import itertools
 
-import numpy as np
 import pytest
 import torch
 
 from config import Config
 from inference import gaussian_weights, predict_case, sliding_window, window_starts
 from model import UNet
-from postprocess import remove_small_enhancing
 
 
 
@@ -113,17 +111,6 @@ def test_predict_case_resize_mode_with_mirror():
     cfg.data.image_size, cfg.eval.mirror = (16, 16, 16), True
     probs = predict_case(UNet(4, 3, base_channels=4, depth=2), torch.rand(4, 19, 23, 17), cfg, torch.device("cpu"))
     assert probs.shape == (3, 19, 23, 17)
-
-
-@pytest.mark.parametrize("et_voxels, threshold, kept", [(5, 10, False), (5, 5, True), (5, 0, True), (0, 10, True)])
-def test_small_enhancing_tumour_becomes_necrosis(et_voxels, threshold, kept):
-    regions = np.zeros((3, 6, 6, 6), bool)
-    regions[0, :3], regions[1, :2] = True, True
-    regions[2].reshape(-1)[:et_voxels] = True
-    out = remove_small_enhancing(regions, threshold)
-    assert out[2].sum() == (et_voxels if kept else 0)
-    assert (out[1] >= regions[2]).all() and (out[0] == regions[0]).all()
-    assert regions[2].sum() == et_voxels  # the input is left as it was
 
 
 def test_a_patch_model_at_a_coarser_spacing_predicts_at_the_native_shape():

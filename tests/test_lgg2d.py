@@ -16,7 +16,7 @@ from inference import predict_slices
 from layout_fixtures import write_lgg_patient
 from main import run
 from metrics import pool_slice_scores, slice_scores
-from postprocess import keep_largest_component
+from postprocess import label_map_regions
 from prepare_data import main as prepare_main
 from splits import list_cases
 
@@ -127,9 +127,10 @@ def test_largest_component_keeps_only_the_biggest_blob():
     pred[0, 1:3, 1:4, 1:4] = True                # 18 voxels
     pred[0, 0, 6, 6] = True                      # a stray voxel
     pred[0, 3, 6:8, 0:2] = True                  # 4 voxels
-    kept = keep_largest_component(pred)
+    eval_cfg = build_config({"eval.largest_component": "true"}).eval
+    kept = label_map_regions(pred, "binary", eval_cfg)
     assert kept.sum() == 18 and kept[0, 1:3, 1:4, 1:4].all() and pred.sum() == 23  # input left alone
-    assert not keep_largest_component(np.zeros((1, 2, 2, 2), bool)).any()
+    assert not label_map_regions(np.zeros((1, 2, 2, 2), bool), "binary", eval_cfg).any()
 
 
 def test_slice_sampling_honours_the_tumour_fraction():

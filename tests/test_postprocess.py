@@ -1,11 +1,14 @@
 """Scored regions are those of the exported label map: nested, postprocessed in label space."""
+import h5py
 import numpy as np
 import pytest
+from scipy import ndimage
 
+from cases import Case
 from config import Config
-from export import label_map
-from postprocess import keep_largest_component, label_map_regions, remove_small_enhancing, to_label_map
-from transforms import labels_to_regions
+from export import export_case
+from postprocess import label_map_regions, relabel_small_enhancing, to_label_map
+from transforms import REGIONS, labels_to_regions
 
 SHAPE = (7, 9, 11)
 REGIONS_2023 = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}
@@ -41,8 +44,6 @@ def test_removed_small_enhancing_lands_in_core_and_whole_tumour():
     assert not out[2].any()
     assert out[1][6, 8, 8:11].all() and out[0][6, 8, 8:11].all()
     assert out[0].sum() == pred[0].sum() + 3 and out[1].sum() == pred[1].sum() + 3
-    old = remove_small_enhancing(pred, 4)                          # the channel-space rule misses WT
-    assert old[1][6, 8, 8:11].all() and not old[0][6, 8, 8:11].any()
     kept = label_map_regions(pred, "brats", eval_cfg(et_min=3))    # 3 voxels are not below 3: kept
     assert kept[2].sum() == 3
 
@@ -59,21 +60,43 @@ def test_binary_task_is_unchanged(largest):
     pred = rng.random((1, *SHAPE)) < 0.3
     out = label_map_regions(pred, "binary", eval_cfg(et_min=5, largest=largest))
     assert out.shape == pred.shape and out.dtype == bool
-    assert (out == (keep_largest_component(pred) if largest else pred)).all()
+    components, count = ndimage.label(pred[0])
+    biggest = components == 1 + np.bincount(components.ravel())[1:].argmax()
+    assert (out[0] == (biggest if largest else pred[0])).all() and count > 1
     assert (to_label_map(pred, "binary") == pred[0]).all()
 
 
+@pytest.mark.parametrize("et_voxels, threshold, kept", [(5, 10, False), (5, 5, True), (5, 0, True), (0, 10, True)])
+def test_small_enhancing_tumour_becomes_necrosis(et_voxels, threshold, kept):
+    labels = np.zeros((6, 6, 6), np.uint8)
+    labels[:3], labels[:2] = 2, 1
+    labels.reshape(-1)[:et_voxels] = 4
+    out = relabel_small_enhancing(labels, threshold)
+    assert (out == 4).sum() == (et_voxels if kept else 0)
+    assert ((out > 0) == (labels > 0)).all() and (np.isin(out, (1, 4)) == np.isin(labels, (1, 4))).all()
+    assert (labels == 4).sum() == et_voxels  # the input is left as it was
+
+
 @pytest.mark.parametrize("seed, et_min, largest", [(0, 0, False), (1, 40, False), (2, 0, True), (3, 500, True)])
-def test_round_trip_through_the_exported_label_map(seed, et_min, largest):
+def test_round_trip_through_the_exported_label_map(seed, et_min, largest, tmp_path):
     rng = np.random.default_rng(seed)
     pred = rng.random((3, *SHAPE)) < [[[[0.5]]], [[[0.3]]], [[[0.1]]]]    # unnested noise
-    regions = label_map_regions(pred, "brats", eval_cfg(et_min, largest))
-    exported = label_map(regions, 4)                                      # what export writes
-    assert (to_label_map(regions, "brats") == exported).all()
-    assert (regions == (labels_to_regions(exported).numpy() > 0.5)).all()
-    exported_2023 = to_label_map(regions, "brats", enhancing_label=3)
-    assert (exported_2023 == label_map(regions, 3)).all()
-    assert (regions == (labels_to_regions(exported_2023, REGIONS_2023).numpy() > 0.5)).all()
+    cfg = eval_cfg(et_min, largest)
+    regions = label_map_regions(pred, "brats", cfg)
+    assert not (regions[2] & ~regions[1]).any() and not (regions[1] & ~regions[0]).any()
+    case = Case("c", np.zeros((4, *SHAPE), np.float32), None)
+    for enhancing, names in ((4, REGIONS), (3, REGIONS_2023)):
+        out = str(tmp_path / f"et{enhancing}")
+        written = export_case(out, case, regions, enhancing_label=enhancing, overlay=False)[0]
+        with h5py.File(written) as f:                                     # what export writes
+            exported = f["mask"][()]
+        assert set(np.unique(exported)) <= {0, 1, 2, enhancing}
+        assert (regions == (labels_to_regions(exported, names).numpy() > 0.5)).all()
+    labels = to_label_map(pred, "brats")                                  # the postprocessed map itself
+    if et_min:
+        labels = relabel_small_enhancing(labels, et_min)
+    if not largest:
+        assert (regions == (labels_to_regions(labels).numpy() > 0.5)).all()
 
 
 def test_wrong_channel_count_is_refused():
