@@ -27,7 +27,8 @@ import numpy as np
 
 from atomic import write_json
 from cases import DataError, case_id_of
-from config import build_config, check, split_args
+from config import build_config, check
+from overrides import split_args
 from patients import group_by_patient
 from splits import list_cases
 

@@ -16,12 +16,13 @@ import time
 
 import torch
 
-from config import build_config, check, split_args
+from config import build_config, check
 from dataset import build_dataset
 from inference import model_predictor, sliding_window
 from loaders import loader_workers, make_loader
 from losses import DiceBCELoss
 from model import build_model
+from overrides import split_args
 from precision import autocast, autocast_dtype, cpu_has_fast_bf16, prepare_model, resolve_device
 from step import make_run, train_step
 from timing import interleaved, peak_mib, reset_peak

@@ -37,9 +37,9 @@ from tqdm import tqdm
 import distributed
 from cases import DataError, case_format, case_id_of, read_case
 from checkpoint import CheckpointError
-from config import split_args
 from ensemble import checkpoint_files, evaluate_ensemble_case, load_members
 from export import export_case
+from overrides import split_args
 from postselect import settings_of
 from precision import autocast_dtype
 from reporting import format_table, write_reports

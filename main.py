@@ -28,13 +28,14 @@ from atomic import atomic_path, write_json
 from cases import DataError, case_format, case_id_of
 from checkpoint import CheckpointError, load_resumable
 from config import (RESUME_SAFE_KEYS, Config, apply_dict, build_config, check, diff_keys, explicit_keys, from_dict,
-                    get_key, split_args, to_dict)
+                    get_key, to_dict)
 from dataset import build_dataset
 from evaluate import evaluate_checkpoint
 from fingerprint import fingerprint, measure_speed
 from guards import TrainingStopped
 from losses import DiceBCELoss
 from model import build_model
+from overrides import split_args
 from plan import format_plan, plan_recipe, write_plan
 from postselect import choose_for_checkpoint
 from precision import autocast_dtype, prepare_model, resolve_device

@@ -30,10 +30,10 @@ import distributed
 import nifti
 from cases import DataError, case_format, case_id_of, read_case
 from checkpoint import CheckpointError
-from config import split_args
 from convert import require
 from ensemble import load_members, predict_probabilities
 from export import flair_channel, save_label_map, save_overlay
+from overrides import split_args
 from postprocess import label_map_regions, to_label_map
 from transforms import task_regions
 

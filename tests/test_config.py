@@ -3,7 +3,8 @@ import logging
 
 import pytest
 
-from config import Config, build_config, check, from_dict, parse_size, split_args, to_dict
+from config import Config, build_config, check, from_dict, to_dict
+from overrides import parse_size, split_args
 
 
 def test_overrides_are_typed_from_the_field():
