@@ -11,8 +11,9 @@ the other cases, with data.val_fraction of them for validation and postprocessin
 evaluate.py scores its best.pt on the test cases at their native grid. Prints one row per recipe
 (Dice and HD95 per region, means over every test case of every fold, and the minutes main.py ran)
 and writes accuracy.json. Any --section.key VALUE pairs go to every recipe, after the recipe's own
-keys (so they win). Recipes (RECIPES): "planned" only the budget (the planner decides once it is
-wired into main.py; until then the default recipe), "patch64" 1 mm 64^3 patches, "resize80" the
+keys (so they win). Recipes (RECIPES): "planned" only the budget (main.py plans the recipe for it,
+docs/training.md), and two fixed recipes with the planner off (Adam, ReduceLROnPlateau, early
+stopping, as plain `python main.py`): "patch64" 1 mm 64^3 patches, 8 per case, and "resize80" the
 whole brain-cropped case resized to 80x96x80.
 """
 import argparse
@@ -36,8 +37,8 @@ log = logging.getLogger("accuracy")
 ROOT = os.path.dirname(os.path.abspath(__file__))
 RECIPES = {
     "planned": {},
-    "patch64": {"data.mode": "patch", "data.patch_size": "64", "data.patches_per_case": "8"},
-    "resize80": {"data.mode": "resize", "data.image_size": "80,96,80"},
+    "patch64": {"data.mode": "patch", "data.patch_size": "64", "data.patches_per_case": "8", "train.plan": "off"},
+    "resize80": {"data.mode": "resize", "data.image_size": "80,96,80", "train.plan": "off"},
 }
 TEST_FRACTION = 0.3
 REGIONS = ("WT", "TC", "ET")
