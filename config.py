@@ -59,6 +59,8 @@ class DataConfig:
     max_gamma: float = 1.5             # gamma drawn log-uniformly from [1 / max_gamma, max_gamma]
     noise_prob: float = 0.1            # probability of additive Gaussian noise
     noise_std: float = 0.1             # noise std drawn from [0, noise_std] (z-score units)
+    slice_context: int = 0             # slices mode: k neighbouring slices on each side as extra input channels
+                                       # (2.5D; model.in_channels = (2k+1) * channels; edges repeat the edge slice)
 
 
 @dataclass
@@ -282,12 +284,24 @@ def check(cfg, warn=False):
     if model.out_channels != len(regions):
         raise ValueError(f"model.out_channels ({model.out_channels}) must equal the {len(regions)} regions of "
                          f"data.task {data.task} ({', '.join(regions)})")
-    if model.in_channels != data.channels:
-        raise ValueError(f"model.in_channels ({model.in_channels}) must equal data.channels ({data.channels})")
+    check_input_channels(data, model)
     check_input_size(cfg)
     if warn and data.val_fraction == 0:
         log.warning("data.val_fraction is 0: no validation cases, so best.pt follows the training loss")
     return cfg
+
+
+def check_input_channels(data, model):
+    """model.in_channels is data.channels, times 2 * data.slice_context + 1 in slices mode (2.5D)."""
+    if data.slice_context < 0 or (data.slice_context and data.mode != "slices"):
+        raise ValueError(f"data.slice_context {data.slice_context}: neighbouring slices are for data.mode slices "
+                         f"and cannot be negative; use 0")
+    stacked = 2 * data.slice_context + 1
+    if stacked == 1 and model.in_channels != data.channels:
+        raise ValueError(f"model.in_channels ({model.in_channels}) must equal data.channels ({data.channels})")
+    if model.in_channels != data.channels * stacked:
+        raise ValueError(f"model.in_channels ({model.in_channels}) must equal (2 * data.slice_context + 1) * "
+                         f"data.channels = {stacked} * {data.channels} = {stacked * data.channels}")
 
 
 def check_input_size(cfg):
