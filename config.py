@@ -67,6 +67,8 @@ class DataConfig:
                                        # every fold in turn into RUN/fold_<i> (see docs/evaluation.md)
     spacing: tuple = ()                # target spacing in mm (D, H, W; one number means all axes), never finer
                                        # than a case's own; patch mode resamples to it; "" or 0: native
+    slice_context: int = 0             # slices mode: k neighbouring slices on each side as extra input channels
+                                       # (2.5D; model.in_channels = (2k+1) * channels; edges repeat the edge slice)
 
 
 @dataclass
@@ -274,8 +276,7 @@ def check(cfg, warn=False):
     if model.out_channels != len(regions):
         raise ValueError(f"model.out_channels ({model.out_channels}) must equal the {len(regions)} regions of "
                          f"data.task {data.task} ({', '.join(regions)})")
-    if model.in_channels != data.channels:
-        raise ValueError(f"model.in_channels ({model.in_channels}) must equal data.channels ({data.channels})")
+    check_input_channels(data, model)
     check_input_size(cfg)
     check_folds(data)
     check_training_length(cfg.train)
@@ -290,6 +291,19 @@ def check_folds(data):
         raise ValueError(f"data.folds {data.folds}: use 0 (no cross-validation) or at least 2 folds")
     if data.folds and data.fold != "all" and data.fold not in {str(i) for i in range(data.folds)}:
         raise ValueError(f"data.fold {data.fold!r}: choose 0..{data.folds - 1} or all (data.folds is {data.folds})")
+
+
+def check_input_channels(data, model):
+    """model.in_channels is data.channels, times 2 * data.slice_context + 1 in slices mode (2.5D)."""
+    if data.slice_context < 0 or (data.slice_context and data.mode != "slices"):
+        raise ValueError(f"data.slice_context {data.slice_context}: neighbouring slices are for data.mode slices "
+                         f"and cannot be negative; use 0")
+    stacked = 2 * data.slice_context + 1
+    if stacked == 1 and model.in_channels != data.channels:
+        raise ValueError(f"model.in_channels ({model.in_channels}) must equal data.channels ({data.channels})")
+    if model.in_channels != data.channels * stacked:
+        raise ValueError(f"model.in_channels ({model.in_channels}) must equal (2 * data.slice_context + 1) * "
+                         f"data.channels = {stacked} * {data.channels} = {stacked * data.channels}")
 
 
 def check_input_size(cfg):

@@ -185,8 +185,8 @@ def _read_tif(path):
 
 def read_lgg(folder):
     """One LGG patient -> Case: image (3, slices, 256, 256), mask label 1 where the TIFF mask is 255."""
-    images, masks = [], []
-    for _, image_path, mask_path in lgg_slices(folder):
+    images, masks, numbers = [], [], []
+    for number, image_path, mask_path in lgg_slices(folder):
         image, mask = _read_tif(image_path), _read_tif(mask_path)
         if image.ndim != 3 or image.shape[-1] != len(LGG_MODALITIES):
             raise DataError(f"{image_path}: image has shape {image.shape}; expected (H, W, 3)")
@@ -199,8 +199,10 @@ def read_lgg(folder):
         check_labels(mask, (0, 255), mask_path, "; LGG masks are 0 or 255")
         images.append(image)
         masks.append((mask == 255).astype(np.uint8))
+        numbers.append(number)
     image = np.moveaxis(np.stack(images).astype(np.float32), -1, 0)
-    attrs = {"modalities": list(LGG_MODALITIES), "source_format": "lgg-tiff"}
+    # slice_numbers: each stored slice's <n> in its source file name, so predictions go back to <patient>_<n>
+    attrs = {"modalities": list(LGG_MODALITIES), "source_format": "lgg-tiff", "slice_numbers": numbers}
     return Case(os.path.basename(os.path.normpath(folder)), image, np.stack(masks), (1.0, 1.0, 1.0), attrs)
 
 

@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 from cases import (DataError, as_labels, brain_stats, case_format, case_id_of, get_dataset, image_layout,
                    open_case, read_box, read_case)
 from transforms import (augment, labels_to_regions, resample_image, resample_labels, resize_image, resize_labels,
-                        target_spacing, task_regions, zscore, zscore_brain)
+                        slice_with_context, target_spacing, task_regions, zscore, zscore_brain)
 
 log = logging.getLogger(__name__)
 
@@ -214,7 +214,8 @@ class SliceDataset(H5Dataset):
     Each case is z-scored over its whole brain (as in 3D), so a slice's intensities do not depend
     on how much brain it cuts. Training draws data.slices_per_case slices per case and epoch (0: as
     many as it has), a data.foreground_fraction share of them with tumour; otherwise it serves every
-    slice of every case in order.
+    slice of every case in order. With data.slice_context k, a sample's image holds slices z-k..z+k
+    as (2k+1)*C channels (transforms.slice_with_context; the edge slice repeats at the volume's edges).
     """
 
     def __init__(self, paths, data_cfg, train, seed=0):
@@ -243,7 +244,7 @@ class SliceDataset(H5Dataset):
             z = pick_slice(tumour, self.cfg.foreground_fraction, gen)
         else:
             z = index - (int(self.ends[case_index - 1]) if case_index else 0)
-        return self.sample(image[:, z], mask[z], case_id, gen)
+        return self.sample(slice_with_context(image, z, self.cfg.slice_context), mask[z], case_id, gen)
 
 
 # data.mode -> (training dataset, dataset of whole cases or every slice for validation)

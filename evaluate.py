@@ -17,7 +17,8 @@ stacked into one volume, voxel counts summed, Dice and IoU from those counts (th
 HD95, whose empty-case value is BraTS's); beside it, under "per_slice", Dice and IoU averaged over
 the tumour-containing slices and the number of tumour-free slices with a false-positive prediction.
 --save-predictions writes a label map per case to --out/predictions (NIfTI on the source grid
-and affine for cases converted from NIfTI, else .h5; see export.py). --predict is for cases
+and affine for cases converted from NIfTI, else .h5; cases converted from the Kaggle LGG TIFFs also
+get the dataset's own layout, <patient>/<patient>_<n>_pred.tif, 0/255; see export.py). --predict is for cases
 without labels: it only predicts and exports (use it with --split all).
 A cross-validation run folder (data.fold all) as --checkpoint evaluates the ensemble of its
 folds' best.pt on the test split no fold saw: the mean of their probabilities per case.
@@ -144,7 +145,8 @@ def main(argv=None):
                         help="cases to evaluate (default: the config's eval.split, test unless changed)")
     parser.add_argument("--out", default=None, help="folder for per_case.csv, summary.json, overlays/, predictions/")
     parser.add_argument("--save-predictions", action="store_true",
-                        help="write a label map per case to OUT/predictions (NIfTI when the case came from NIfTI)")
+                        help="write a label map per case to OUT/predictions (NIfTI when the case came from NIfTI; "
+                             "Kaggle LGG cases also as <patient>/<patient>_<n>_pred.tif)")
     parser.add_argument("--save-probabilities", action="store_true",
                         help="with the label maps, write region probabilities as .npz")
     parser.add_argument("--overlays", action=argparse.BooleanOptionalAction, default=True,

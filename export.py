@@ -7,7 +7,9 @@ Any other case gets `<case>.h5` with a uint8 dataset 'mask' on the case's stored
 when the case records a crop box). Probabilities go to `<case>_probabilities.npz` (float16
 WT/TC/ET, same grid and axis order as the label map). Overlays are PNGs of the FLAIR slice with
 the most tumour, ground truth and prediction contours per region. Every file is written atomically.
-A binary task (one region, e.g. Kaggle LGG) writes label 1 where tumour is predicted.
+A binary task (one region, e.g. Kaggle LGG) writes label 1 where tumour is predicted; a case
+converted from the Kaggle LGG TIFFs (attrs source_format "lgg-tiff") also gets the dataset's own
+layout, `<patient>/<patient>_<n>_pred.tif` (uint8 0/255 per source slice, see save_lgg_tiffs).
 The label map is postprocess.to_label_map of the scored regions (scoring.evaluate_case's `pred`,
 already the regions of the postprocessed map), so the file is exactly what was scored.
 """
@@ -51,6 +53,25 @@ def save_label_map(out_dir, case_id, labels, attrs, spacing):
         f.attrs["spacing"] = np.asarray(spacing, np.float64)
         f.attrs["case_id"] = case_id
     return path
+
+
+def save_lgg_tiffs(out_dir, case_id, labels, attrs):
+    """A binary prediction (D, H, W) of a case converted from Kaggle LGG TIFFs, written in the
+    dataset's own layout: out_dir/<patient>/<patient>_<n>_pred.tif, one uint8 0/255 (H, W) image per
+    slice, <n> the source slice numbers (attrs slice_numbers; 1..D for cases converted before the
+    conversion recorded them, as Kaggle numbers a patient's slices). Returns the paths written."""
+    import tifffile
+
+    numbers = [int(n) for n in attrs.get("slice_numbers", range(1, len(labels) + 1))]
+    if len(numbers) != len(labels):
+        raise ValueError(f"{case_id}: {len(numbers)} slice_numbers for a prediction of {len(labels)} slices")
+    written = []
+    for number, labels_slice in zip(numbers, labels):
+        path = os.path.join(out_dir, case_id, f"{case_id}_{number}_pred.tif")
+        with atomic_path(path) as tmp:
+            tifffile.imwrite(tmp, np.where(labels_slice > 0, 255, 0).astype(np.uint8))
+        written.append(path)
+    return written
 
 
 def save_probabilities(out_dir, case_id, probs, attrs, region_names=tuple(REGIONS)):
@@ -116,6 +137,8 @@ def export_case(out_dir, case, pred_regions, probs=None, enhancing_label=4, pred
         task = "binary" if len(regions) == 1 else "brats"   # the two tasks of config.TASK_REGIONS
         labels = to_label_map(pred_regions, task, enhancing_label)
         written.append(save_label_map(folder, case.case_id, labels, case.attrs, case.spacing))
+        if case.attrs.get("source_format") == "lgg-tiff":
+            written += save_lgg_tiffs(folder, case.case_id, labels, case.attrs)
         if probs is not None:
             written.append(save_probabilities(folder, case.case_id, probs, case.attrs, list(regions)))
     if overlay:

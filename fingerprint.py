@@ -83,13 +83,17 @@ def _sync(device):
 
 
 def _time(fn, device, repeats):
-    fn()  # warm-up: allocator, kernels, autotuning
+    """The fastest of `repeats` timed calls after one warm-up (allocator, kernels, autotuning): on a
+    shared machine a call is only ever slowed down by others, so the minimum is the best estimate."""
+    fn()
     _sync(device)
-    start = time.perf_counter()
-    for _ in range(repeats):
+    times = []
+    for _ in range(max(1, repeats)):
+        start = time.perf_counter()
         fn()
-    _sync(device)
-    return (time.perf_counter() - start) / repeats
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return min(times)
 
 
 def measure_speed(model_cfg, device, sizes=SPEED_SIZES, batch_size=BATCH_SIZE, widths=None, repeats=2,

@@ -14,7 +14,8 @@ import math
 import torch
 
 from precision import autocast
-from transforms import resample_back, resample_image, resize_image, target_spacing, zscore_brain
+from transforms import (resample_back, resample_image, resize_image, slice_with_context, target_spacing,
+                        zscore_brain)
 
 
 def gaussian_weights(window, sigma_scale=1 / 8, min_weight=1e-3):
@@ -121,7 +122,7 @@ def predict_case(model, image, cfg, device, amp_dtype=None, spacing=None):
         return predict_patches(model, image, cfg, device, amp_dtype, spacing)
     if cfg.data.mode == "slices":
         return predict_slices(model_predictor(model, device, amp_dtype), image, tuple(cfg.data.image_size)[-2:],
-                              cfg.eval.batch_size, cfg.eval.mirror, device)
+                              cfg.eval.batch_size, cfg.eval.mirror, device, cfg.data.slice_context)
     native = tuple(image.shape[1:])
     x = resize_image(zscore_brain(image), tuple(cfg.data.image_size))[None].to(device)
     logits = _predict_batch(model_predictor(model, device, amp_dtype), x, _flips(len(native), cfg.eval.mirror),
@@ -146,23 +147,24 @@ def predict_patches(model, image, cfg, device, amp_dtype, spacing):
 
 
 @torch.no_grad()
-def predict_slices(predictor, image, size, batch_size=16, mirror=False, device=None):
+def predict_slices(predictor, image, size, batch_size=16, mirror=False, device=None, context=0):
     """Probabilities (R, D, H, W) of a raw volume (C, D, H, W), slice by slice with a 2D predictor.
 
     The volume is z-scored over its whole brain (as in training), each slice resized to `size`
-    (h, w), predicted `batch_size` slices at a time, and the probabilities resized back to the
-    native (H, W), so scores are counted on the source pixels.
+    (h, w), stacked with `context` neighbours on each side as the training samples are
+    (transforms.slice_with_context), predicted `batch_size` slices at a time, and the
+    probabilities resized back to the native (H, W), so scores are counted on the source pixels.
     """
     image = zscore_brain(image)
     depth, native = image.shape[1], tuple(image.shape[2:])
-    slices = image.transpose(0, 1)  # (D, C, H, W): slices as a batch
-    if native != tuple(size):
-        slices = torch.nn.functional.interpolate(slices, size=tuple(size), mode="bilinear", align_corners=False)
-    flips, device = _flips(2, mirror), device or image.device
+    if native != tuple(size):  # the slices as a batch (D, C, H, W), resized, back to (C, D, h, w)
+        image = torch.nn.functional.interpolate(image.transpose(0, 1), size=tuple(size), mode="bilinear",
+                                                align_corners=False).transpose(0, 1)
+    flips, device, step = _flips(2, mirror), device or image.device, max(1, batch_size)
     probs = []
-    for first in range(0, depth, max(1, batch_size)):
-        logits = _predict_batch(predictor, slices[first:first + max(1, batch_size)], flips, device)
-        probs.append(torch.sigmoid(logits).cpu())
+    for first in range(0, depth, step):
+        batch = torch.stack([slice_with_context(image, z, context) for z in range(first, min(first + step, depth))])
+        probs.append(torch.sigmoid(_predict_batch(predictor, batch, flips, device)).cpu())
     probs = torch.cat(probs)
     if native != tuple(size):
         probs = torch.nn.functional.interpolate(probs, size=native, mode="bilinear", align_corners=False)

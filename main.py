@@ -51,7 +51,7 @@ log = logging.getLogger("main")
 # line through them put a 64x80x64 step at 22 s (the issue measured ~1.2 s at 80x96x80). No
 # further side is timed once SPEED_SECONDS have gone, so a slow or busy device stays near 5 s.
 SPEED_SIDES = {"cpu": (32, 48, 64), "cuda": (64, 96, 128)}
-SPEED_SECONDS = 5.0
+SPEED_SECONDS = 8.0
 
 
 def seed_everything(seed, deterministic=False):
@@ -202,7 +202,7 @@ def make_plan(cfg, explicit, paths, device, started):
         step = 2 ** cfg.model.depth
         sizes = sorted({(max(step, step * round(side / step)),) * 3 for side in SPEED_SIDES[device.type]})
         layout = dataclasses.replace(cfg.train, compile=False)  # channels-last as training; compiling takes minutes
-        speed = measure_speed(cfg.model, device, sizes, repeats=1, max_seconds=SPEED_SECONDS,
+        speed = measure_speed(cfg.model, device, sizes, repeats=2, max_seconds=SPEED_SECONDS,
                               amp_dtype=autocast_dtype(device, cfg.train.amp, cfg.train.precision),
                               prepare=lambda model: prepare_model(model, layout, device))
         spent = (time.time() - started) / 60

@@ -68,6 +68,20 @@ def resize_labels(mask, size):
     return F.interpolate(mask[None, None].float(), size=tuple(size), mode="nearest-exact")[0, 0].to(mask.dtype)
 
 
+def context_indices(depth, z, context):
+    """Indices of slice z and `context` neighbours on each side, z - context .. z + context, clamped
+    to [0, depth - 1]: at the volume's edges the edge slice repeats (there is nothing beyond it)."""
+    return [min(max(z + offset, 0), depth - 1) for offset in range(-context, context + 1)]
+
+
+def slice_with_context(volume, z, context):
+    """Slice z of a volume (C, D, H, W) with its neighbours as extra channels (2.5D input):
+    ((2 * context + 1) * C, H, W), ordered slice z - context .. z + context, each with its C
+    channels (channel j * C + c is channel c of slice z - context + j); edges repeat the edge slice."""
+    picked = volume[:, context_indices(volume.shape[1], z, context)]  # (C, 2k + 1, H, W)
+    return picked.transpose(0, 1).reshape(-1, *volume.shape[2:])
+
+
 def resampled_shape(shape, spacing, target):
     """The shape a grid of `shape` voxels at `spacing` mm takes at `target` mm (same field of view)."""
     return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, target))
