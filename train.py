@@ -27,6 +27,7 @@ import torch
 from tqdm import tqdm
 
 import distributed
+from atomic import write_json
 from checkpoint import restore_rng_states, rng_states, save_checkpoint, save_last, unwrap
 from config import to_dict
 from cases import case_format
@@ -249,6 +250,8 @@ def fit(run, train_set, val_paths, run_dir, resume=None):
             validation = validate(run, val_paths, cache)
             if run.fit_steps_to_budget and not history:
                 refit_steps(run, val_start - round_start, time.time() - val_start)
+                if distributed.is_main():  # config.json is the config the checkpoints hold
+                    write_json(os.path.join(run_dir, "config.json"), to_dict(run.cfg))
             row, improved = end_of_round(run, train_loss, validation, time.time() - round_start, history)
             history.append(row)
             if distributed.is_main():

@@ -4,6 +4,7 @@ import csv
 import logging
 import os
 import shutil
+import time
 import warnings
 
 import numpy as np
@@ -20,7 +21,7 @@ from main import run as main_run
 from model import UNet
 from scoring import CaseCache
 from step import make_run, scheduled_lr, train_step
-from train import validate
+from train import refit_steps, validate
 
 CPU = torch.device("cpu")
 
@@ -169,3 +170,18 @@ def test_validation_every_n_steps_and_an_exact_resume_mid_schedule(tiny_dataset,
     mine, theirs = (load_checkpoint(os.path.join(d, "last.pt"))["model"] for d in (str(resumed), reference))
     for key in theirs:
         torch.testing.assert_close(mine[key], theirs[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_refit_steps_fits_a_planned_step_count_to_the_pace_of_the_first_round():
+    model = UNet(4, 3, base_channels=2, depth=1)
+    run = tiny_run(model, schedule="poly", max_steps=100, warmup_steps=2, lr=0.01)
+    run.cfg.train.max_minutes, run.cfg.train.val_every = 1.0, 10  # 10 validation rounds planned
+    run.started, run.step = time.time() - 6.0, 10                 # the first round: 10 steps in 5 s, then 1 s
+    refit_steps(run, train_seconds=5.0, val_seconds=1.0)
+    # 60 s budget - 6 s spent - 9 validations left x 1 s = 45 s of steps at 0.5 s: 90 more steps
+    assert run.cfg.train.max_steps == pytest.approx(100, abs=2)
+    assert run.cfg.train.val_every == pytest.approx(10, abs=1)
+    run.started, run.step, run.cfg.train.max_steps, run.cfg.train.val_every = time.time() - 6.0, 10, 100, 10
+    refit_steps(run, train_seconds=1.0, val_seconds=1.0)  # steps 5x faster than planned: 5x the steps
+    assert run.cfg.train.max_steps == pytest.approx(10 + 45 * 10, abs=5)
+    assert run.cfg.train.val_every == pytest.approx(450 // 9, abs=1)
