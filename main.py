@@ -31,7 +31,7 @@ from config import (RESUME_SAFE_KEYS, Config, apply_dict, build_config, check, d
                     get_key, to_dict)
 from dataset import build_dataset
 from evaluate import evaluate_checkpoint
-from fingerprint import fingerprint, measure_speed
+from fingerprint import BATCH_SIZE, fingerprint, measure_speed
 from guards import TrainingStopped
 from losses import DiceBCELoss
 from model import build_model
@@ -201,8 +201,11 @@ def make_plan(cfg, explicit, paths, device, started):
         fp = fingerprint(paths["train"], case_format(cfg.data), cfg.data.task)
         step = 2 ** cfg.model.depth
         sizes = sorted({(max(step, step * round(side / step)),) * 3 for side in SPEED_SIDES[device.type]})
+        batch = BATCH_SIZE
+        if cfg.model.dims == 2:  # slices: only the schedule is planned, timed at the configured slice and batch
+            sizes, batch = [tuple(cfg.data.image_size)[-2:]], cfg.train.batch_size
         layout = dataclasses.replace(cfg.train, compile=False)  # channels-last as training; compiling takes minutes
-        speed = measure_speed(cfg.model, device, sizes, repeats=2, max_seconds=SPEED_SECONDS,
+        speed = measure_speed(cfg.model, device, sizes, batch, repeats=2, max_seconds=SPEED_SECONDS,
                               amp_dtype=autocast_dtype(device, cfg.train.amp, cfg.train.precision),
                               prepare=lambda model: prepare_model(model, layout, device))
         spent = (time.time() - started) / 60

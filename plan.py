@@ -234,7 +234,8 @@ def plan_recipe(fp, budget_minutes, speed, explicit=None, val_cases=None):
         plan["why"]["plan"] = "no train.max_minutes: the plain defaults (ReduceLROnPlateau, early stopping)"
         return plan
     if explicit.get("data.mode") == "slices" or int(explicit.get("model.dims", 3)) == 2:
-        plan["why"]["plan"] = "2D slices are not planned: the configured recipe stays"
+        plan["values"], plan["why"], plan["estimates"] = plan_slices(fp, 60.0 * budget_minutes, speed, explicit,
+                                                                     val_cases)
         return plan
     fits = fit_speed(speed)
     chosen, weighed = choose(fp, 60.0 * budget_minutes, fits, explicit, val_cases)
@@ -255,6 +256,34 @@ def plan_recipe(fp, budget_minutes, speed, explicit=None, val_cases=None):
     plan["estimates"] = {"chosen": chosen, "weighed": weighed,
                          "speed_fit": {str(w): f for w, f in fits.items()}}
     return plan
+
+
+def plan_slices(fp, budget_s, speed, explicit, val_cases):
+    """2D slices (the LGG path): the configured network, slice size and batch stay (the preset's,
+    or the user's); the plan sets what the budget decides, the schedule: how many steps fit after
+    validation's share, validated MAX_VALIDATIONS times, poly decay to 0 when the budget ends.
+    `speed` was timed at the configured slice size and batch, so a step's cost is its mean."""
+    points = speed["points"]
+    step_s = sum(p["step_seconds"] for p in points) / len(points)
+    slice_forward_s = sum(p["forward_seconds"] for p in points) / len(points) / speed["batch_size"]
+    validation_s = val_cases * fp["median_shape"][0] * slice_forward_s
+    validations = max(1, min(MAX_VALIDATIONS, int(VAL_SHARE * budget_s / max(validation_s, 1e-6))))
+    steps = max(1, int((budget_s - validations * validation_s) / step_s))
+    steps = int(explicit.get("train.max_steps", steps))
+    val_every = max(1, steps // validations)
+    values = {"train.schedule": "poly", "train.warmup_steps": max(1, round(WARMUP_SHARE * steps)),
+              "train.max_steps": steps, "train.val_every": val_every, "train.epochs": 0}
+    why = {"train.schedule": "a time budget: the learning rate decays to 0 when the budget ends",
+           "train.max_steps": f"{budget_s / 60:g} min at {step_s:.2f} s a step, less {validations} validation(s) "
+                              f"of ~{validation_s:.1f} s",
+           "train.val_every": f"{validations} validations (<= {VAL_SHARE:.0%} of the budget, <= {MAX_VALIDATIONS})",
+           "train.warmup_steps": f"{WARMUP_SHARE:.0%} of the steps",
+           "train.epochs": "no epoch limit: train.max_steps and train.max_minutes end the run",
+           "plan": "2D slices: network, slice size and batch as configured; only the schedule is planned"}
+    for key in values:
+        if key in explicit:
+            values[key], why[key] = explicit[key], "set explicitly"
+    return values, why, {"step_seconds": step_s, "validation_seconds": validation_s, "validations": validations}
 
 
 # ---------------------------------------------------------------------------------------- output

@@ -130,10 +130,6 @@ def test_no_budget_changes_nothing(budget):
     assert "nothing planned" in plan.format_plan(p)
 
 
-def test_2d_slices_are_not_planned():
-    assert plan.plan_recipe(FINGERPRINTS["brats 1 mm"], 25, SPEEDS["cpu"], {"data.mode": "slices"})["values"] == {}
-
-
 def test_validation_takes_at_most_its_share_of_the_budget():
     for fp in FINGERPRINTS.values():
         for budget, p in sweep(fp, SPEEDS["cpu"], {}):
@@ -269,3 +265,23 @@ def test_no_plan_without_a_budget_or_with_plan_off(tiny_dataset):
     assert main.make_plan(cfg, {}, {"train": [], "val": []}, None, 0) is None  # off: nothing planned or measured
     cfg.train.plan, cfg.train.max_minutes = "auto", 0
     assert main.make_plan(cfg, {}, {"train": [], "val": []}, None, 0) is None  # no budget: nothing planned
+
+
+def test_2d_slices_plan_only_the_schedule_for_the_budget():
+    fp = {"n_cases": 30, "median_shape": [24, 256, 256], "median_spacing": [1.0, 1.0, 1.0]}
+    speed = {"device": "cpu", "batch_size": 16, "depth": 4,
+             "points": [{"base_channels": 32, "size": [128, 128], "voxels": 16 * 128 * 128,
+                         "step_seconds": 0.5, "forward_seconds": 0.16}]}
+    explicit = {"data.mode": "slices", "model.dims": 2, "model.base_channels": 32}
+    short, long = (plan.plan_recipe(fp, minutes, speed, explicit, val_cases=5) for minutes in (10, 30))
+    for planned in (short, long):
+        values = planned["values"]
+        assert set(values) == {"train.schedule", "train.warmup_steps", "train.max_steps", "train.val_every",
+                               "train.epochs"}  # network, slice size and batch stay as configured
+        assert values["train.schedule"] == "poly" and values["train.epochs"] == 0
+        validation_s = 5 * 24 * 0.16 / 16
+        assert values["train.max_steps"] * 0.5 + planned["estimates"]["validations"] * validation_s <= \
+            60 * planned["inputs"]["budget_minutes"]
+    assert long["values"]["train.max_steps"] > 2.5 * short["values"]["train.max_steps"]
+    fixed = plan.plan_recipe(fp, 30, speed, {**explicit, "train.max_steps": 500}, val_cases=5)
+    assert fixed["values"]["train.max_steps"] == 500 and fixed["why"]["train.max_steps"] == "set explicitly"
