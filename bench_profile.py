@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 KINDS = ("convolutions", "norms", "activations", "copies/conversions", "loss", "optimizer", "other")
 # Substrings of operator and autograd-node names, lower-cased, checked in this order
 PATTERNS = (
-    ("loss", ("loss", "binary_cross_entropy", "sigmoid", "sumbackward", "mulbackward", "divbackward",
+    ("loss", ("loss", "binary_cross_entropy", "binarycrossentropy", "sigmoid", "sumbackward", "mulbackward", "divbackward",
               "meanbackward", "addbackward", "rsubbackward", "subbackward")),
     ("optimizer", ("optimizer", "_foreach", "_fused_adam", "clip_grad", "linalg_vector_norm")),
     ("convolutions", ("conv",)),
