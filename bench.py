@@ -10,12 +10,16 @@ choose what "ours" runs, exactly as main.py would train it.
 recipes trained for the same budget and scored on held-out real cases (accuracy.py).
 """
 import argparse
+import copy
 import json
 import tempfile
 import time
 
 import torch
 
+from bench_machine import (allocator_settings, bf16_supported, ceiling_fractions, ceilings, interleaved, peak_mib,
+                           reset_peak)
+from bench_profile import format_profile, labelled_loss, profile_steps
 from config import build_config, check
 from dataset import build_dataset
 from inference import model_predictor, sliding_window
@@ -23,39 +27,20 @@ from loaders import loader_workers, make_loader
 from losses import DiceBCELoss
 from model import build_model
 from overrides import split_args
-from precision import autocast, autocast_dtype, cpu_has_fast_bf16, prepare_model, resolve_device
+from precision import autocast, autocast_dtype, prepare_model, resolve_device
 from step import make_run, train_step
-from timing import interleaved, peak_mib, reset_peak
 
 CASE_SHAPE = (240, 240, 155)  # a BraTS case at 1 mm
 
 
-# --- the ceiling ------------------------------------------------------------------------------------------
-
-def matmul_gflops(device, dtype, n, repeats):
-    a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
-    seconds = interleaved({"mm": lambda: a @ b}, device, repeats)["mm"]
-    return 2 * n ** 3 / seconds / 1e9
-
-
-def copy_gbps(device, mib, repeats):
-    src = torch.empty(mib * 2 ** 18, device=device)  # float32: 4 bytes each
-    dst = torch.empty_like(src)
-    seconds = interleaved({"copy": lambda: dst.copy_(src)}, device, repeats)["copy"]
-    return 2 * src.nbytes / seconds / 1e9  # read + write
-
-
-def bf16_supported(device):
-    """Native bf16 only: emulated bf16 on an AVX2 CPU is tens of times slower than fp32."""
-    return torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_fast_bf16()
-
-
 # --- the training step ------------------------------------------------------------------------------------
 
-def make_step(cfg, model, batch, device):
+def make_step(cfg, model, batch, device, label_loss=False):
     """The training step itself (step.train_step: autocast, loss, backward, unscale, clipping, NaN
-    guard, Adam step) on a fixed batch, with the optimizer and precision `cfg` gives a run."""
-    run = make_run(cfg, model, DiceBCELoss(cfg.train.dice_weight, cfg.train.bce_weight), device)
+    guard, Adam step) on a fixed batch, with the optimizer and precision `cfg` gives a run.
+    label_loss: the loss's forward under a profiler label (bench_profile)."""
+    loss = DiceBCELoss(cfg.train.dice_weight, cfg.train.bce_weight)
+    run = make_run(cfg, model, labelled_loss(loss) if label_loss else loss, device)
     return lambda: train_step(run, batch)
 
 
@@ -77,7 +62,8 @@ def step_flops(model, batch):
 
 
 def bench_step(cfg, device, batch_size, size, repeats, ceiling, warmup=1):
-    """Seconds, FLOPs, GFLOP/s and its share of the ceiling, voxels/s and peak memory of our step."""
+    """Seconds, FLOPs, GFLOP/s and its share of the ceilings (bench_machine.ceiling_fractions),
+    voxels/s and peak memory of our step."""
     mc, tc = cfg.model, cfg.train
     model = build_model(mc).to(device)
     batch = random_batch(batch_size, mc.in_channels, size, mc.out_channels, device)
@@ -87,8 +73,9 @@ def bench_step(cfg, device, batch_size, size, repeats, ceiling, warmup=1):
     reset_peak(device)
     seconds = interleaved({"step": step}, device, repeats, warmup)["step"]
     voxels = batch_size * torch.Size(size).numel()
+    amp_dtype = autocast_dtype(device, tc.amp, tc.precision)
     return {"size": list(size), "batch": batch_size, "step_s": seconds, "step_flops": flops,
-            "step_gflops": flops / seconds / 1e9, "step_frac_of_ceiling": flops / seconds / 1e9 / ceiling,
+            "step_gflops": flops / seconds / 1e9, **ceiling_fractions(flops / seconds / 1e9, ceiling, amp_dtype),
             "voxels_per_s": voxels / seconds, "peak_mib": peak_mib(device)}
 
 
@@ -184,27 +171,44 @@ def compare_monai(cfg, device, batch_size, size, case_shape, repeats):
             "monai_case_shape": list(case_shape)}
 
 
+# --- the profile (bench_profile) -------------------------------------------------------------------------
+
+PROFILE_SIDES = {False: (64, 96, 128), True: (32, 48, 64)}  # --profile, --profile --quick
+
+
+def profile_dtypes(device):
+    """fp32, and bf16 where it is native (emulated bf16 is not worth profiling)."""
+    return (None, torch.bfloat16) if bf16_supported(device) else (None,)
+
+
+def profiled_step(device):
+    """make_step(cfg, side, amp_dtype) for bench_profile: the real step, batch 1, loss labelled."""
+    def make(cfg, side, amp_dtype):
+        cfg = copy.deepcopy(cfg)
+        cfg.train.precision = "bf16" if amp_dtype == torch.bfloat16 else "fp32"
+        model = prepare_model(build_model(cfg.model).to(device), cfg.train, device)
+        batch = random_batch(1, cfg.model.in_channels, (side,) * 3, cfg.model.out_channels, device)
+        return make_step(cfg, model, batch, device, label_loss=True)
+    return make
+
+
 # --- the whole run ----------------------------------------------------------------------------------------
 
 def run(cfg, device, quick, with_monai, case_shape, sides=(96, 128), case_sizes=(72, 104), crop=96):
     """Every figure, as a dict (bench.json); `sides`, `case_sizes` and `crop` shrink it for tests.
     Quick: fewer repeats, and inference timed on a crop of the case and scaled by windows."""
     repeats = 2 if quick else 5
+    amp_dtype = autocast_dtype(device, cfg.train.amp, cfg.train.precision)
     out = {"device": str(device), "threads": torch.get_num_threads(), "torch": torch.__version__,
-           "precision": str(autocast_dtype(device, cfg.train.amp, cfg.train.precision) or torch.float32),
-           "channels_last": cfg.train.channels_last, "compile": cfg.train.compile, "quick": quick}
-    n = 2048 if quick else 4096
-    out["matmul_gflops"] = matmul_gflops(device, torch.float32, n, repeats + 1)
-    if bf16_supported(device):
-        out["matmul_bf16_gflops"] = matmul_gflops(device, torch.bfloat16, n, repeats + 1)
-    out["copy_gbps"] = copy_gbps(device, 256, repeats + 1)
-    ceiling = out["matmul_gflops"]
+           "precision": str(amp_dtype or torch.float32), "channels_last": cfg.train.channels_last,
+           "compile": cfg.train.compile, "allocator": allocator_settings(), "quick": quick}
+    ceiling = ceilings(device, quick, repeats + 1, amp_dtype)
+    out.update(ceiling)
     default = tuple(cfg.data.image_size if cfg.data.mode == "resize" else cfg.data.patch_size)
     out["steps"] = [bench_step(cfg, device, cfg.train.batch_size, default, repeats, ceiling)]
     for side in sides:  # quick: one step, no warm-up (the first step's allocations count)
         out["steps"].append(bench_step(cfg, device, 1, (side,) * 3, 1 if quick else 3, ceiling, 0 if quick else 1))
-    out.update({k: out["steps"][0][k] for k in ("step_s", "step_gflops", "step_frac_of_ceiling",
-                                                "voxels_per_s")})
+    out.update({k: v for k, v in out["steps"][0].items() if k.startswith(("step_", "voxels_per_s"))})
     out["peak_rss_mib"] = max(s["peak_mib"] for s in out["steps"])
     out.update(bench_loader(cfg, device, 6 if quick else 16, 2 if quick else 4, case_sizes))
     out["loader_over_step"] = out["loader_samples_per_s"] / (cfg.train.batch_size / out["step_s"])
@@ -219,15 +223,18 @@ def run(cfg, device, quick, with_monai, case_shape, sides=(96, 128), case_sizes=
 
 def format_table(out):
     lines = [f"device {out['device']}, {out['threads']} threads, torch {out['torch']}, {out['precision']}, "
-             f"channels_last {out['channels_last']}, compile {out['compile']}",
+             f"channels_last {out['channels_last']}, compile {out['compile']}, "
+             f"allocator {out['allocator'] or 'glibc defaults'}",
              f"ceiling: fp32 matmul {out['matmul_gflops']:.0f} GFLOP/s"
              + (f", bf16 {out['matmul_bf16_gflops']:.0f}" if "matmul_bf16_gflops" in out else "")
              + f", memory copy {out['copy_gbps']:.1f} GB/s",
-             f"{'step':<16}{'seconds':>9}{'GFLOP':>9}{'GFLOP/s':>9}{'ceiling':>9}{'Mvox/s':>9}{'peak MiB':>10}"]
+             f"{'step':<16}{'seconds':>9}{'GFLOP':>9}{'GFLOP/s':>9}{'ceiling':>9}{'(fp32)':>8}{'Mvox/s':>9}"
+             f"{'peak MiB':>10}"]
     for s in out["steps"]:
         name = f"{'x'.join(map(str, s['size']))} b{s['batch']}"
         lines.append(f"{name:<16}{s['step_s']:>9.3f}{s['step_flops'] / 1e9:>9.1f}{s['step_gflops']:>9.1f}"
-                     f"{s['step_frac_of_ceiling']:>9.0%}{s['voxels_per_s'] / 1e6:>9.2f}{s['peak_mib']:>10.0f}")
+                     f"{s['step_frac_of_ceiling']:>9.0%}{s['step_frac_of_fp32_ceiling']:>8.0%}"
+                     f"{s['voxels_per_s'] / 1e6:>9.2f}{s['peak_mib']:>10.0f}")
     lines.append(f"loader: {out['loader_samples_per_s']:.1f} samples/s with {out['loader_workers']} workers, "
                  f"{out['loader_over_step']:.1f}x the step's sample rate")
     lines.append(f"inference, {out['infer_windows']} windows: {out['infer_case_s']:.1f} s, with mirror TTA "
@@ -255,6 +262,7 @@ def main(argv=None):
     parser.add_argument("--compare-monai", action="store_true", help="time MONAI's DynUNet and sliding window too")
     parser.add_argument("--case-shape", default="240,240,155", help="whole case for inference (D,H,W)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--profile", action="store_true", help="operator-kind shares of the step (bench_profile)")
     parser.add_argument("--out", default="bench.json")
     parser.add_argument("--accuracy", action="store_true",
                         help="measure accuracy instead: train recipes for --train.max_minutes and score held-out "
@@ -266,8 +274,13 @@ def main(argv=None):
     device = resolve_device(args.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    out = run(cfg, device, args.quick, args.compare_monai, tuple(int(v) for v in args.case_shape.split(",")))
-    print(format_table(out))
+    if args.profile:
+        rows = profile_steps(cfg, device, PROFILE_SIDES[args.quick], profile_dtypes(device), profiled_step(device))
+        print(format_profile(rows))
+        out = {"profile": rows}
+    else:
+        out = run(cfg, device, args.quick, args.compare_monai, tuple(int(v) for v in args.case_shape.split(",")))
+        print(format_table(out))
     with open(args.out, "w") as f:
         json.dump(out, f, indent=1)
 
