@@ -34,7 +34,10 @@ def write_nifti(path, data, affine):
     """A NIfTI file (.nii.gz) of `data` with `affine`; the header's dtype is the data's."""
     import nibabel as nib
 
-    image = nib.Nifti1Image(data, np.asarray(affine, np.float64))
+    affine = np.asarray(affine, np.float64)
+    image = nib.Nifti1Image(data, affine)
+    image.set_qform(affine, code=1)  # scanner-anatomical, as the BraTS sources declare both
+    image.set_sform(affine, code=1)
     image.header.set_data_dtype(data.dtype)
     image.header.set_xyzt_units("mm")
     with atomic_path(path) as tmp, open(tmp, "wb") as f:

@@ -108,6 +108,8 @@ def test_real_brats_sample_predicts_onto_each_source_seg_grid(tmp_path):
         written, source = nib.load(tmp_path / "out" / f"{case_id}.nii.gz"), nib.load(source_seg_path(case_id))
         assert written.shape == source.shape and np.array_equal(written.affine, source.affine)
         assert nib.aff2axcodes(written.affine) == nib.aff2axcodes(source.affine)
+        for form in ("qform", "sform"):  # the header declares the same space as the source's
+            assert int(written.header[f"{form}_code"]) == int(source.header[f"{form}_code"])
         assert set(np.unique(np.asarray(written.dataobj)).tolist()) <= {0, 1, 2, 4}
     assert checkpoint_files(str(tmp_path / "run")) == [checkpoint]
 
