@@ -1,8 +1,11 @@
 """How fast we are, measured against the machine's own ceiling and against MONAI, in one run.
 
-    python bench.py [--quick] [--device cpu|cuda] [--compare-monai] [--out bench.json] [--section.key VALUE ...]
+    python bench.py [--quick] [--device cpu|cuda] [--compare-monai] [--profile] [--out bench.json]
+                    [--section.key VALUE ...]
 
-Prints a table and writes bench.json. Every figure is a median over repeats after warm-up; where
+Prints a table and writes bench.json (step_frac_of_ceiling: share of the ceiling of the step's own
+precision; docs/performance.md lists the keys). --profile prints instead where the step's time
+goes, by operator kind (bench_profile.py). Every figure is a median over repeats after warm-up; where
 two things are compared (ours and MONAI, a fast path on and off) they run interleaved, A B A B,
 so a shared machine's load drifts over both alike. Config overrides (e.g. --train.precision fp32)
 choose what "ours" runs, exactly as main.py would train it.
