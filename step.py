@@ -39,7 +39,7 @@ class Run:
     base_lr: float = 1e-3            # the learning rate the schedule starts from (after warm-up)
     step: int = 0                    # optimizer steps taken so far (batches, skipped ones included)
     started: float = 0.0             # time.time() when the run's clock started (train.max_minutes)
-    fit_steps_to_budget: bool = False  # a planned train.max_steps: re-fit it after the first round (train.refit_steps)
+    fit_steps_to_budget: bool = False  # a planned train.max_steps: re-fit it to the pace of each round (train.refit_steps)
 
 
 def scheduled_lr(lr, step, tc):

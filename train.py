@@ -18,6 +18,7 @@ Under torchrun (see distributed.py) each rank trains on its shard, validation ca
 and their scores gathered, every stop decision is agreed by all ranks, and rank 0 alone writes.
 """
 import logging
+import math
 import os
 import signal
 import time
@@ -139,25 +140,27 @@ def end_of_round(run, train_loss, validation, seconds, history):
     return row, improved
 
 
-def refit_steps(run, train_seconds, val_seconds):
-    """Re-fit a planned train.max_steps and train.val_every to the pace of the first round.
+def refit_steps(run, steps, train_seconds, val_seconds):
+    """Re-fit a planned train.max_steps and train.val_every to the pace of the round just validated
+    (`steps` optimizer steps in `train_seconds`, then a validation of `val_seconds`).
 
-    The plan counted steps from a few seconds of timing before training, which a busy machine or a
-    slow first step can get wrong by a factor of several; the first round measures the real cost of
-    a step and of a validation. Keeping the planned number of validation rounds, the steps left are
-    what the rest of train.max_minutes buys, so the schedule reaches its end when the budget does.
+    The plan counted steps from a few seconds of timing before training, and the pace drifts as
+    the machine's load does: a busy first round once planned 40% too few steps. After every round
+    the steps left become what the rest of train.max_minutes buys at the last round's pace, keeping
+    the number of validation rounds left, so the schedule reaches its end when the budget does.
     The new values go into run.cfg, which every checkpoint saves, so a resumed run keeps them."""
     tc = run.cfg.train
-    rounds_left = max(tc.max_steps // max(tc.val_every, 1) - 1, 0)
+    rounds_left = math.ceil(max(tc.max_steps - run.step, 0) / max(tc.val_every, 1))  # the final one included
+    if rounds_left == 0:
+        return
+    per_step = train_seconds / max(steps, 1)
     seconds_left = tc.max_minutes * 60 - (time.time() - run.started) - rounds_left * val_seconds
-    per_step = train_seconds / max(run.step, 1)
-    steps = run.step + max(int(seconds_left / per_step), 0)
-    steps = int(distributed.broadcast_object(steps))  # every rank follows rank 0's clock
-    log.info("first round: %.2f s a step, %.1f s a validation: train.max_steps %d -> %d", per_step, val_seconds,
-             tc.max_steps, steps)
-    tc.max_steps = max(steps, run.step)
-    if tc.val_every:
-        tc.val_every = max(1, (tc.max_steps - run.step) // max(rounds_left, 1))
+    total = run.step + max(int(seconds_left / per_step), rounds_left)
+    total = int(distributed.broadcast_object(total))  # every rank follows rank 0's clock
+    log.info("pace %.2f s a step, %.1f s a validation: train.max_steps %d -> %d", per_step, val_seconds,
+             tc.max_steps, total)
+    tc.max_steps = total
+    tc.val_every = max(1, math.ceil((total - run.step) / rounds_left))
 
 
 def checkpoint_state(run, history, position):
@@ -236,7 +239,7 @@ def fit(run, train_set, val_paths, run_dir, resume=None):
                  "follow the training loss")
     with GracefulStop() as stop:
         while True:
-            round_start = time.time()
+            round_start, steps_before = time.time(), run.step
             reason = train_round(run, train_set, position, stop)
             train_loss, loss_sum, count = round_train_loss(position)
             if distributed.broadcast_flag(stop.requested):
@@ -248,8 +251,8 @@ def fit(run, train_set, val_paths, run_dir, resume=None):
             distributed.broadcast_buffers(run.model)  # batch norm statistics as rank 0 (and the checkpoint) has them
             val_start = time.time()
             validation = validate(run, val_paths, cache)
-            if run.fit_steps_to_budget and not history:
-                refit_steps(run, val_start - round_start, time.time() - val_start)
+            if run.fit_steps_to_budget and reason != "end":
+                refit_steps(run, run.step - steps_before, val_start - round_start, time.time() - val_start)
                 if distributed.is_main():  # config.json is the config the checkpoints hold
                     write_json(os.path.join(run_dir, "config.json"), to_dict(run.cfg))
             row, improved = end_of_round(run, train_loss, validation, time.time() - round_start, history)
