@@ -6,10 +6,11 @@ config values to train with, each with the reason it was chosen. format_plan and
 
 The rule, in order. Candidate spacings run from the data's native spacing to twice it. At each,
 the sample is the whole brain-cropped median case resampled there ("resize") when it fits
-VOXEL_CAP, else a patch of about VOXEL_CAP voxels with the case's aspect ratio ("patch"). The
-planned spacing is the finest at which the budget still buys MIN_STEPS optimizer steps after
-validation takes its share, or the coarsest when none does. The steps a candidate buys never fall
-as the budget grows, so a smaller budget never gives a finer spacing. Then the widest measured
+VOXEL_CAP, else patches of PATCH_LADDER's sizes (128^3 down to 64^3 voxels) with the case's
+aspect ratio ("patch"), largest first. The plan is the first candidate, finest spacing first and
+largest sample first, at which the budget still buys MIN_STEPS optimizer steps after validation
+takes its share, or the coarsest when none does. The steps a candidate buys never fall as the
+budget grows, so a smaller budget never gives a finer spacing. Then the widest measured
 network width that still gets MIN_STEPS there. The learning rate follows a poly schedule over the
 planned steps with a short warm-up, so it reaches its end when the budget ends.
 A key given explicitly is taken as given and the rest is planned around it.
@@ -21,17 +22,21 @@ from atomic import write_json
 from fingerprint import BATCH_SIZE, fit_speed, seconds_at
 from transforms import resampled_shape
 
-# The issue's data point: at 25 CPU-minutes the whole brain at ~1.75 mm (80x96x80, batch 2) ran
-# ~1200 optimizer steps (202 epochs x 6 steps) and beat 1 mm 64^3 patches by 0.05-0.08 Dice; the
-# finer grid bought more voxels per step but not enough steps. 1000 steps is the least the planned
-# recipe may train for, a little under that winning run, so 25 CPU-minutes lands on it.
-MIN_STEPS = 1000
+# Measured on ten real BraTS cases (docs/accuracy.md): at 20 minutes on one core, 1 mm 64^3 patches
+# (~480 steps) beat the whole brain at 2 mm (360 steps) on every test case and region (Dice WT/TC/ET
+# 0.884/0.748/0.785 against 0.788/0.522/0.598). So the plan keeps the native spacing and shrinks the
+# patch first, down to 64^3, and coarsens the spacing only when even that buys under MIN_STEPS:
+# 400, a little under what the winning 1 mm run trained for.
+MIN_STEPS = 400
 # Candidate spacings as multiples of the data's finest native spacing (1 mm data: 1 to 2 mm; the
 # MONAI BraTS recipe trains at 2 mm). No axis is ever resampled finer than its native spacing.
 SPACING_FACTORS = (1.0, 1.25, 1.5, 1.75, 2.0)
 # Largest sample (voxels per case in a batch): nnU-Net's BraTS patch at 1 mm is 128^3. A whole
 # resampled brain within it is served whole (resize mode); a larger one is cut into patches of it.
 VOXEL_CAP = 128 ** 3
+# Patch sizes weighed at a spacing, largest first (voxels; shaped like the case): 128^3 down to 64^3,
+# the patch the measured 1 mm winner used and MONAI's BraTS tutorial uses at 2 mm.
+PATCH_LADDER = (128 ** 3, 112 ** 3, 96 ** 3, 80 ** 3, 64 ** 3)
 # Downsample until the smallest axis of the bottleneck is 4 voxels (as nnU-Net), at most 5 times.
 MIN_BOTTLENECK = 4
 MAX_DEPTH = 5
@@ -81,26 +86,32 @@ def candidate_spacings(fp, explicit):
     return spacings
 
 
-def plan_sample(shape, explicit):
-    """(mode, size, depth) of one training sample for a resampled median case of `shape`: the whole
-    case when it fits VOXEL_CAP (or data.mode resize says so), else a patch."""
+def plan_samples(shape, explicit):
+    """The (mode, size, depth) samples to weigh for a resampled median case of `shape`, largest
+    first: the whole case when it fits VOXEL_CAP (or data.mode resize says so), else patches of
+    PATCH_LADDER's voxel counts with the case's proportions, each no larger than the padded case."""
     mode = explicit.get("data.mode") or ("patch" if "data.patch_size" in explicit else None)
     if "data.image_size" in explicit and mode != "patch":
         size = [int(s) for s in _three(explicit["data.image_size"])]
-        return "resize", size, plan_depth(min(size), explicit)
+        return [("resize", size, plan_depth(min(size), explicit))]
     if mode != "patch":
         depth = plan_depth(min(shape), explicit)
         whole = [max(2 ** depth, 2 ** depth * round(n / 2 ** depth)) for n in shape]
         if mode == "resize" or math.prod(whole) <= VOXEL_CAP:
-            return "resize", whole, depth
+            return [("resize", whole, depth)]
     if "data.patch_size" in explicit:
         patch = [int(s) for s in _three(explicit["data.patch_size"])]
-        return "patch", patch, plan_depth(min(patch), explicit)
-    scale = min(1.0, (VOXEL_CAP / math.prod(shape)) ** (1 / 3))
-    depth = plan_depth(min(shape) * scale, explicit)
-    step = 2 ** depth
-    patch = [max(step, step * math.floor(n * scale / step)) for n in shape]
-    return "patch", [min(p, padded) for p, padded in zip(patch, padded_shape(shape, depth))], depth
+        return [("patch", patch, plan_depth(min(patch), explicit))]
+    samples = []
+    for voxels in PATCH_LADDER:
+        scale = min(1.0, (voxels / math.prod(shape)) ** (1 / 3))
+        depth = plan_depth(min(shape) * scale, explicit)
+        step = 2 ** depth
+        patch = [max(step, step * math.floor(n * scale / step)) for n in shape]
+        patch = [min(p, padded) for p, padded in zip(patch, padded_shape(shape, depth))]
+        if ("patch", patch, depth) not in samples:
+            samples.append(("patch", patch, depth))
+    return samples
 
 
 def padded_shape(shape, depth):
@@ -149,18 +160,20 @@ def choose(fp, budget_s, fits, explicit, val_cases):
     widths = measured_widths(fits, explicit)
     batch = int(explicit.get("train.batch_size", BATCH_SIZE))
 
-    def at(spacing, width):
+    def at(spacing, width, sample=None):
         shape = resampled_shape(fp["median_shape"], fp["median_spacing"], spacing)
-        return evaluate_candidate(spacing, shape, plan_sample(shape, explicit), width, fits[width], budget_s,
-                                  val_cases, batch)
+        return [evaluate_candidate(spacing, shape, s, width, fits[width], budget_s, val_cases, batch)
+                for s in ([sample] if sample else plan_samples(shape, explicit))]
 
-    weighed = [at(spacing, widths[0]) for spacing in candidate_spacings(fp, explicit)]
+    # finest spacing first, and at each the largest sample first: a fixed order, so a larger budget
+    # (more steps for every candidate) can only stop earlier in it, never at a coarser one
+    weighed = [c for spacing in candidate_spacings(fp, explicit) for c in at(spacing, widths[0])]
     # an explicit patch larger than the median case at every spacing: the user's choice, at native spacing
     candidates = [c for c in weighed if c["fits"]] or weighed[:1]
     feasible = [c for c in candidates if c["steps"] >= MIN_STEPS]
     chosen = feasible[0] if feasible else candidates[-1]  # none: the coarsest, so less never buys finer
     for width in reversed(widths[1:]):
-        wider = at(chosen["spacing"], width)
+        wider = at(chosen["spacing"], width, (chosen["mode"], chosen["size"], chosen["depth"]))[0]
         if wider["steps"] >= MIN_STEPS:
             return wider, weighed
     return chosen, weighed
