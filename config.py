@@ -10,7 +10,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 
-from overrides import SIZE_KEYS, SPACING_KEYS, parse_value
+from overrides import PRESETS, SIZE_KEYS, SPACING_KEYS, parse_value
 
 log = logging.getLogger(__name__)
 
@@ -149,21 +149,6 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
-# Presets: named override sets, applied before --config and command-line overrides.
-PRESETS = {
-    # Kaggle LGG (mateuszbuda/lgg-mri-segmentation) converted with `prepare_data.py lgg`: a 2D UNet on
-    # 256x256 slices (3 channels: pre-contrast, FLAIR, post-contrast) with one sigmoid "tumour" map.
-    # Native 256x256 as in the reference; on a CPU pass --data.image_size 128,128 (4x fewer pixels).
-    # Augmentation as in the reference: flips, +-15 degree rotations, scaling within 5%; no quarter turns.
-    "lgg2d": {"data.task": "binary", "data.mode": "slices", "data.channels": 3, "data.image_size": "256,256",
-              "data.foreground_fraction": 0.5, "data.slices_per_case": 0, "data.cache_gb": 4.0,
-              "data.rot90_prob": 0.0, "data.rotate_prob": 0.5, "data.max_rotate_deg": 15.0,
-              "data.zoom_prob": 0.5, "data.max_zoom": 0.05,
-              "model.dims": 2, "model.in_channels": 3, "model.out_channels": 1, "model.base_channels": 32,
-              "model.depth": 4, "model.norm": "batch",
-              "train.batch_size": 16, "train.lr": 3e-4, "train.epochs": 50, "train.patience": 10,
-              "eval.batch_size": 16},
-}
 
 SCHEDULES = ("plateau", "poly", "cosine")
 PLAN_CHOICES = ("auto", "off")
@@ -211,27 +196,6 @@ def build_config(pairs, preset=None, config_file=None, base=None):
     for key, value in pairs.items():
         set_key(cfg, key, value)
     return cfg
-
-
-def get_key(cfg, key):
-    section, _, name = key.partition(".")
-    return getattr(getattr(cfg, section), name)
-
-
-def flat_keys(overrides):
-    """The 'section.key' names of an override dict ({'section.key': v} or {'section': {'key': v}})."""
-    return [f"{key}.{name}" for key, value in overrides.items() if isinstance(value, dict) for name in value] + \
-        [key for key, value in overrides.items() if not isinstance(value, dict)]
-
-
-def explicit_keys(cfg, pairs, preset=None, config_file=None):
-    """{'section.key': value in cfg} of every key the user set: by the preset, the config file or the
-    command line (the planner plans only the others)."""
-    keys = set(pairs) | set(flat_keys(PRESETS.get(preset, {})))
-    if config_file:
-        with open(config_file) as f:
-            keys |= set(flat_keys(json.load(f)))
-    return {key: get_key(cfg, key) for key in sorted(keys)}
 
 
 def to_dict(cfg):

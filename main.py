@@ -27,15 +27,14 @@ import distributed
 from atomic import atomic_path, write_json
 from cases import DataError, case_format, case_id_of
 from checkpoint import CheckpointError, load_resumable
-from config import (RESUME_SAFE_KEYS, Config, apply_dict, build_config, check, diff_keys, explicit_keys, from_dict,
-                    get_key, to_dict)
+from config import RESUME_SAFE_KEYS, Config, apply_dict, build_config, check, diff_keys, from_dict, to_dict
 from dataset import build_dataset
 from evaluate import evaluate_checkpoint
 from fingerprint import BATCH_SIZE, fingerprint, measure_speed
 from guards import TrainingStopped
 from losses import DiceBCELoss
 from model import build_model
-from overrides import split_args
+from overrides import explicit_keys, get_key, split_args
 from plan import format_plan, plan_recipe, write_plan
 from postselect import choose_for_checkpoint
 from precision import autocast_dtype, prepare_model, resolve_device
@@ -275,7 +274,7 @@ def run_folds(cfg, explicit=None):
 def main(argv=None):
     pairs, rest = split_args(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", default=None, help="named set of overrides from config.PRESETS")
+    parser.add_argument("--preset", default=None, help="named set of overrides from overrides.PRESETS")
     parser.add_argument("--config", default=None, help="JSON file of overrides, applied before the command line")
     parser.add_argument("--resume", default=None, metavar="RUN_DIR",
                         help="continue a run from its last.pt (same as --train.resume)")

@@ -140,7 +140,7 @@ def test_the_check_names_a_bad_schedule_or_training_length(pairs, message):
 
 
 def test_explicit_keys_come_from_the_preset_the_config_file_and_the_command_line(tmp_path):
-    from config import explicit_keys
+    from overrides import explicit_keys
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"train": {"lr": 0.01}, "data.spacing": 2}))
     pairs = {"model.base_channels": "8"}
