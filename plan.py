@@ -197,12 +197,13 @@ def mode_reason(c, explicit):
 
 def explain(c, weighed, fp, widths, budget_minutes, steps, val_every, explicit, speed):
     """A short reason for each planned key."""
-    index = next((i for i, w in enumerate(weighed) if w["spacing"] == c["spacing"]), 0)
-    finer = weighed[:index]
+    index = next((i for i, w in enumerate(weighed) if (w["spacing"], w["size"]) == (c["spacing"], c["size"])), 0)
     enough = c["steps"] >= MIN_STEPS
-    spacing_why = (f"finest spacing where {budget_minutes:g} min buys >= {MIN_STEPS} steps ({c['steps']}"
-                   + (f"; {finer[-1]['steps']} at {_mm(finer[-1]['spacing'])})" if finer else ")")
-                   if enough else f"no spacing buys {MIN_STEPS} steps in {budget_minutes:g} min; the coarsest")
+    before = (f"; {weighed[index - 1]['steps']} with {_vox(weighed[index - 1]['size'])} at "
+              f"{_mm(weighed[index - 1]['spacing'])}" if index else "")
+    spacing_why = (f"the first candidate (finest spacing, then largest sample) for which {budget_minutes:g} min "
+                   f"buys >= {MIN_STEPS} steps ({c['steps']}{before})" if enough else
+                   f"no candidate buys {MIN_STEPS} steps in {budget_minutes:g} min; the coarsest")
     size_key = "data.image_size" if c["mode"] == "resize" else "data.patch_size"
     return {
         "data.mode": mode_reason(c, explicit),
