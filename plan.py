@@ -210,7 +210,7 @@ def explain(c, weighed, fp, widths, budget_minutes, steps, val_every, explicit, 
         "data.spacing": spacing_why,
         size_key: (f"median brain-cropped case {_vox(fp['median_shape'])} at {_mm(fp['median_spacing'])} -> "
                    f"{_vox(c['shape'])}; " + ("rounded to multiples of 2**depth" if c["mode"] == "resize"
-                                              else "about the voxel cap, the case's aspect ratio, within "
+                                              else "the largest of the patch ladder that buys the steps, the case's aspect ratio, within "
                                                    f"the padded shape {_vox(padded_shape(c['shape'], c['depth']))}")),
         "train.batch_size": "2 as nnU-Net in 3D: a larger batch buys fewer steps under a budget",
         "model.base_channels": ("the width the speed table timed" if len(widths) == 1 else
