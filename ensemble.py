@@ -98,12 +98,13 @@ def load_members(specs, device=None, overrides=None):
 
 
 @torch.no_grad()
-def predict_probabilities(members, image, device):
-    """Mean region probabilities (R, *spatial) of the members, each predicting the raw image
-    (C, *spatial) at its native grid with its own config."""
+def predict_probabilities(members, case, device):
+    """Mean region probabilities (R, *spatial) of the members, each predicting the case's raw image
+    (C, *spatial) at its native grid with its own config (and its own data.spacing)."""
     total = None
     for member in members:
-        probs = predict_case(member.model, image, member.cfg, device, member.amp_dtype).float().cpu()
+        probs = predict_case(member.model, case.image, member.cfg, device, member.amp_dtype,
+                             case.spacing).float().cpu()
         total = probs if total is None else total + probs
     return total / len(members)
 
@@ -111,5 +112,5 @@ def predict_probabilities(members, image, device):
 def evaluate_ensemble_case(members, case, device, with_hd95=True, with_lesions=False):
     """scoring.evaluate_case for an ensemble: the members' mean probabilities, thresholded and
     postprocessed with the first member's eval.* keys, scored as one model's would be."""
-    probs = predict_probabilities(members, case.image, device)
+    probs = predict_probabilities(members, case, device)
     return score_probabilities(probs, case, members[0].cfg, with_hd95, with_lesions)

@@ -70,7 +70,7 @@ def predict_cases(model, paths, cfg, device):
     fmt, regions, out = case_format(cfg.data), task_regions(cfg.data.task), []
     for path in paths:
         case = read_case(path, fmt)
-        probs = predict_case(model, case.image, cfg, device, amp_dtype)
+        probs = predict_case(model, case.image, cfg, device, amp_dtype, case.spacing)
         truth = labels_to_regions(case.mask, regions).numpy() > 0.5
         out.append(Prediction(case.case_id, (probs > cfg.eval.threshold).numpy(), truth, case.spacing))
     return out

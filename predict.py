@@ -63,7 +63,7 @@ def predict_one(members, case, out_dir, overlay):
     """Write the label map (and overlay) of one case; returns the paths written."""
     cfg = members[0].cfg
     task = cfg.data.task
-    probs = predict_probabilities(members, case.image, members[0].device)
+    probs = predict_probabilities(members, case, members[0].device)
     regions = label_map_regions((probs > cfg.eval.threshold).numpy(), task, cfg.eval)
     enhancing = ENHANCING_LABEL.get(case.attrs.get("label_convention"), cfg.eval.enhancing_label)
     written = [save_label_map(out_dir, case.case_id, to_label_map(regions, task, enhancing), case.attrs,

@@ -70,6 +70,13 @@ def scores(wt, tc, hd95=1.0):
             "mean_hd95": hd95}
 
 
+def test_validation_cases_are_predicted_at_the_models_own_spacing(tmp_path):
+    cfg = detector_cfg()
+    cfg.data.mode, cfg.data.patch_size, cfg.data.spacing = "patch", (8, 8, 8), (2.0, 2.0, 2.0)
+    predictions = predict_cases(TumourDetector(), write_cases(str(tmp_path), False), cfg, CPU)
+    assert [p.pred.shape for p in predictions] == [(3, *SHAPE)] * 2  # back at each case's native grid
+
+
 @pytest.mark.parametrize("new, kept", [
     (scores(0.9, 0.8), True),                     # the mean rises, no region falls
     (scores(0.95, 0.69), False),                  # the mean rises, but TC falls
