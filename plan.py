@@ -37,9 +37,13 @@ VOXEL_CAP = 128 ** 3
 # Patch sizes weighed at a spacing, largest first (voxels; shaped like the case): 128^3 down to 64^3,
 # the patch the measured 1 mm winner used and MONAI's BraTS tutorial uses at 2 mm.
 PATCH_LADDER = (128 ** 3, 112 ** 3, 96 ** 3, 80 ** 3, 64 ** 3)
-# Downsample until the smallest axis of the bottleneck is 4 voxels (as nnU-Net), at most 5 times.
+# Downsample until the smallest axis of the bottleneck is 4 voxels (as nnU-Net).
 MIN_BOTTLENECK = 4
-MAX_DEPTH = 5
+# ...but at most 3 times (the default network's depth, 1.4 M parameters at width 16), not nnU-Net's
+# 5: under a CPU budget of a few hundred steps, both recipes measured to win (the whole brain
+# at 80x96x80 and 1 mm 64^3 patches, docs/accuracy.md) ran depth 3, and both planned runs that lost
+# ran depth 4 (5.6 M parameters), so the deeper network is what this budget cannot train.
+MAX_DEPTH = 3
 VAL_SHARE = 0.10          # validation may take at most this share of the budget
 # ...and happens at most this often: enough points for a curve and the best checkpoint; the
 # estimate counts forwards only (not reading, resampling back, scoring), so more would cost more.

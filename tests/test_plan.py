@@ -103,7 +103,7 @@ def test_explicit_keys_win_and_the_rest_is_planned_around_them():
     assert values["train.val_every"] <= 777 and values["train.warmup_steps"] == round(plan.WARMUP_SHARE * 777)
     spaced = plan.plan_recipe(fp, 25, speed, {"data.spacing": 1.25})["values"]
     assert spaced["data.spacing"] == 1.25  # as given
-    assert spaced["data.image_size"] == [112, 144, 112]  # the whole case at 1.25 mm, multiples of 16
+    assert spaced["data.image_size"] == [112, 136, 112]  # the whole case at 1.25 mm, multiples of 2**3
     sized = plan.plan_recipe(fp, 25, speed, {"data.image_size": [64, 64, 64]})["values"]
     assert sized["data.mode"] == "resize" and sized["data.image_size"] == [64, 64, 64]
     assert sized["data.spacing"] == [round(n / 64, 4) for n in fp["median_shape"]]
