@@ -40,6 +40,7 @@ from step import train_step
 from transforms import task_regions
 
 log = logging.getLogger(__name__)
+VAL_SHARE = 0.10  # refit_steps keeps validation to this share of the time left (plan.VAL_SHARE of the budget)
 
 # metrics.csv columns: epoch, step, train_loss, val_loss, val_dice_<region> per region of data.task
 # (val_dice_wt/tc/et for BraTS, val_dice_tumour for binary), lr, seconds: the keys of a history row.
@@ -153,8 +154,11 @@ def refit_steps(run, steps, train_seconds, val_seconds):
     rounds_left = math.ceil(max(tc.max_steps - run.step, 0) / max(tc.val_every, 1))  # the final one included
     if rounds_left == 0:
         return
+    remaining = tc.max_minutes * 60 - (time.time() - run.started)
+    # near the end keep validation to its share of what is left, not to the planned number of rounds
+    rounds_left = min(rounds_left, max(1, int(VAL_SHARE * remaining / max(val_seconds, 1e-6))))
     per_step = train_seconds / max(steps, 1)
-    seconds_left = tc.max_minutes * 60 - (time.time() - run.started) - rounds_left * val_seconds
+    seconds_left = remaining - rounds_left * val_seconds
     total = run.step + max(int(seconds_left / per_step), rounds_left)
     total = int(distributed.broadcast_object(total))  # every rank follows rank 0's clock
     log.info("pace %.2f s a step, %.1f s a validation: train.max_steps %d -> %d", per_step, val_seconds,

@@ -176,17 +176,20 @@ def test_refit_steps_fits_a_planned_step_count_to_the_pace_of_each_round():
     model = UNet(4, 3, base_channels=2, depth=1)
     run = tiny_run(model, schedule="poly", max_steps=100, warmup_steps=2, lr=0.01)
     run.cfg.train.max_minutes, run.cfg.train.val_every = 1.0, 10  # 10 validation rounds planned
-    run.started, run.step = time.time() - 6.0, 10                 # the first round: 10 steps in 5 s, then 1 s
-    refit_steps(run, 10, train_seconds=5.0, val_seconds=1.0)
-    # 60 s budget - 6 s spent - 9 validations left x 1 s = 45 s of steps at 0.5 s: 90 more steps
-    assert run.cfg.train.max_steps == pytest.approx(100, abs=2)
-    assert run.cfg.train.val_every == pytest.approx(10, abs=1)
-    refit_steps(run, 10, train_seconds=1.0, val_seconds=1.0)  # steps 5x faster than planned: 5x the steps
-    assert run.cfg.train.max_steps == pytest.approx(10 + 45 * 10, abs=5)
-    assert run.cfg.train.val_every == pytest.approx(450 / 9, abs=1)
-    run.started, run.step = time.time() - 30.0, 240               # later the pace halves: fewer steps left
-    refit_steps(run, 50, train_seconds=10.0, val_seconds=1.0)     # 30 s left, 5 rounds: 25 s at 0.2 s
-    assert run.cfg.train.max_steps == pytest.approx(240 + 125, abs=3)
+    run.started, run.step = time.time() - 6.0, 10                 # the first round: 10 steps in 5 s
+    refit_steps(run, 10, train_seconds=5.0, val_seconds=0.1)
+    # 60 s budget - 6 s spent - 9 validations left x 0.1 s = 53.1 s of steps at 0.5 s: 106 more
+    assert run.cfg.train.max_steps == pytest.approx(116, abs=1)
+    assert run.cfg.train.val_every == 12                          # the 9 rounds left keep their number
+    refit_steps(run, 10, train_seconds=1.0, val_seconds=0.1)      # steps 5x faster: 5x the steps left
+    assert run.cfg.train.max_steps == pytest.approx(10 + 531, abs=3)
+    run.started, run.step = time.time() - 30.0, 240               # later the pace slows: fewer steps left
+    rounds = -(-(run.cfg.train.max_steps - 240) // run.cfg.train.val_every)
+    refit_steps(run, 50, train_seconds=10.0, val_seconds=0.1)     # 30 s left at 0.2 s a step
+    assert run.cfg.train.max_steps == pytest.approx(240 + int((30 - rounds * 0.1) / 0.2), abs=2)
+    refit_steps(run, 50, train_seconds=10.0, val_seconds=5.0)     # validation would eat the rest: 1 round left
+    assert run.cfg.train.max_steps == pytest.approx(240 + 125, abs=2)
+    assert run.cfg.train.val_every == run.cfg.train.max_steps - 240
     run.step = run.cfg.train.max_steps                            # the final round: nothing left to fit
-    refit_steps(run, 50, train_seconds=10.0, val_seconds=1.0)
+    refit_steps(run, 50, train_seconds=10.0, val_seconds=5.0)
     assert run.cfg.train.max_steps == run.step
