@@ -25,11 +25,12 @@ import time
 import torch
 
 from cases import case_format, case_id_of
-from config import build_config, check, split_args
+from config import build_config, check
 from dataset import build_dataset
 from loaders import make_loader
 from losses import DiceBCELoss
 from model import build_model
+from overrides import split_args
 from precision import resolve_device
 from scoring import CaseCache
 from splits import list_cases, split_cases
