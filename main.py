@@ -35,10 +35,10 @@ from guards import TrainingStopped
 from losses import DiceBCELoss
 from model import build_model
 from overrides import explicit_keys, get_key, split_args
-from plan import format_plan, plan_recipe, write_plan
+from plan import plan_recipe
 from postselect import choose_for_checkpoint
 from precision import autocast_dtype, prepare_model, resolve_device
-from reporting import format_table
+from reporting import format_plan, format_table, write_plan
 from splits import PARTS, describe_grouping, list_cases, make_split, validate_cases
 from step import make_run
 from train import fit

@@ -2,7 +2,8 @@
 
 plan_recipe(fp, budget_minutes, speed, explicit) is a pure function of fingerprint.fingerprint (what
 the training cases look like) and fingerprint.measure_speed (seconds per step on the device): the
-config values to train with, each with the reason it was chosen. format_plan and write_plan show it.
+config values to train with, each with the reason it was chosen. reporting.format_plan and
+reporting.write_plan show it.
 
 The rule, in order. Candidate spacings run from the data's native spacing to twice it. At each,
 the sample is the whole brain-cropped median case resampled there ("resize") when it fits
@@ -16,9 +17,7 @@ planned steps with a short warm-up, so it reaches its end when the budget ends.
 A key given explicitly is taken as given and the rest is planned around it.
 """
 import math
-import os
 
-from atomic import write_json
 from fingerprint import BATCH_SIZE, fit_speed, seconds_at
 from transforms import resampled_shape
 
@@ -302,30 +301,3 @@ def plan_slices(fp, budget_s, speed, explicit, val_cases):
         if key in explicit:
             values[key], why[key] = explicit[key], "set explicitly"
     return values, why, {"step_seconds": step_s, "validation_seconds": validation_s, "validations": validations}
-
-
-# ---------------------------------------------------------------------------------------- output
-
-def _show(value):
-    if isinstance(value, (list, tuple)):
-        return ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
-    return str(value)
-
-
-def format_plan(plan):
-    """The plan as one readable block for the log."""
-    inputs = plan["inputs"]
-    head = (f"plan for {inputs['budget_minutes']:g} min on {inputs['speed'].get('device', '?')}, "
-            f"{inputs['fingerprint']['n_cases']} training cases:" if plan["values"] else "plan: nothing planned")
-    lines = [head]
-    for key, value in plan["values"].items():
-        lines.append(f"  {key:<20} {_show(value):<14} {plan['why'].get(key, '')}")
-    lines += [f"  {reason}" for key, reason in plan["why"].items() if key not in plan["values"]]
-    return "\n".join(lines)
-
-
-def write_plan(run_dir, plan):
-    """plan.json in the run folder, written atomically; returns its path."""
-    path = os.path.join(run_dir, "plan.json")
-    write_json(path, plan)
-    return path

@@ -9,6 +9,7 @@ import pytest
 
 import fingerprint
 import plan
+import reporting
 from cases import CaseFormat, write_case
 from config import ModelConfig
 from conftest import blob_case
@@ -131,7 +132,7 @@ def test_the_same_data_budget_and_speed_give_the_same_plan():
 def test_no_budget_changes_nothing(budget):
     p = plan.plan_recipe(FINGERPRINTS["brats 1 mm"], budget, SPEEDS["cpu"], {"data.patch_size": 64})
     assert p["values"] == {} and "plain defaults" in p["why"]["plan"]
-    assert "nothing planned" in plan.format_plan(p)
+    assert "nothing planned" in reporting.format_plan(p)
 
 
 def test_validation_takes_at_most_its_share_of_the_budget():
@@ -148,9 +149,9 @@ def test_validation_takes_at_most_its_share_of_the_budget():
 
 def test_format_and_write_plan(tmp_path):
     p = plan.plan_recipe(FINGERPRINTS["brats 1 mm"], 25, SPEEDS["cpu"], {})
-    text = plan.format_plan(p)
+    text = reporting.format_plan(p)
     assert all(key in text for key in p["values"]) and len(text.splitlines()) == len(p["values"]) + 1
-    path = plan.write_plan(str(tmp_path), p)
+    path = reporting.write_plan(str(tmp_path), p)
     assert path == os.path.join(str(tmp_path), "plan.json")
     with open(path) as f:
         assert json.load(f) == json.loads(json.dumps(p))
