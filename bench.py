@@ -33,8 +33,6 @@ from overrides import split_args
 from precision import autocast, autocast_dtype, prepare_model, resolve_device
 from step import make_run, train_step
 
-CASE_SHAPE = (240, 240, 155)  # a BraTS case at 1 mm
-
 
 # --- the training step ------------------------------------------------------------------------------------
 
