@@ -12,6 +12,7 @@ Rule for callers: a decision that changes control flow (stop training, skip a st
 """
 import logging
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -84,7 +85,13 @@ def init_from_env(device="auto"):
 
 
 def cleanup():
+    """Tear the process group down. On a normal exit every rank first waits for the others: a rank
+    that destroyed its gloo group while rank 0 was still writing reports was seen to abort at exit
+    (SIGABRT, "terminate called without an active exception"). After an error no rank waits, since
+    the others may never arrive."""
     if dist.is_available() and dist.is_initialized():
+        if sys.exc_info()[0] is None:
+            dist.barrier()
         dist.destroy_process_group()
 
 
