@@ -6,13 +6,14 @@ config values to train with, each with the reason it was chosen. reporting.forma
 reporting.write_plan show it.
 
 The rule, in order. Candidate spacings run from the data's native spacing to twice it. At each,
-the sample is the whole brain-cropped median case resampled there ("resize") when it fits
-VOXEL_CAP, else patches of PATCH_LADDER's sizes (128^3 down to 64^3 voxels) with the case's
-aspect ratio ("patch"), largest first. The plan is the first candidate, finest spacing first and
-largest sample first, at which the budget still buys MIN_STEPS optimizer steps after validation
-takes its share, or the coarsest when none does. The steps a candidate buys never fall as the
+the samples are the whole brain-cropped median case resampled there ("resize") when it fits
+VOXEL_CAP, and smaller patches of PATCH_LADDER's sizes (128^3 down to 64^3 voxels) with the case's
+aspect ratio ("patch"), largest first. Spacings are weighed finest first; at each, the plan takes
+the largest sample for which the budget buys TARGET_STEPS optimizer steps after validation takes
+its share, else the smallest sample if it still buys MIN_STEPS, else it moves to the next spacing
+(the coarsest's smallest sample when none does). The steps a candidate buys never fall as the
 budget grows, so a smaller budget never gives a finer spacing. Then the widest measured
-network width that still gets MIN_STEPS there. The learning rate follows a poly schedule over the
+network width that still gets TARGET_STEPS there. The learning rate follows a poly schedule over the
 planned steps with a short warm-up, so it reaches its end when the budget ends.
 A key given explicitly is taken as given and the rest is planned around it.
 """
@@ -21,11 +22,13 @@ import math
 from fingerprint import BATCH_SIZE, fit_speed, seconds_at
 from transforms import resampled_shape
 
-# Measured on ten real BraTS cases (docs/accuracy.md): at 20 minutes on one core, 1 mm 64^3 patches
-# (~480 steps) beat the whole brain at 2 mm (360 steps) on every test case and region (Dice WT/TC/ET
-# 0.884/0.748/0.785 against 0.788/0.522/0.598). So the plan keeps the native spacing and shrinks the
-# patch first, down to 64^3, and coarsens the spacing only when even that buys under MIN_STEPS:
-# 400, a little under what the winning 1 mm run trained for.
+# Measured on ten real BraTS cases (docs/accuracy.md), 20 minutes on one core: steps matter more
+# than a larger patch at this budget. 1 mm 64^3 patches with ~800 poly steps (Dice WT/TC/ET
+# 0.887/0.805/0.795) beat 1 mm 72x88x72 patches with ~400 (0.874/0.675/0.712) and the whole brain
+# at 2 mm with 360 (0.788/0.522/0.598). So at each spacing the plan takes the largest sample that
+# buys TARGET_STEPS; when none does, it keeps that spacing with its smallest sample (64^3) as long
+# as that buys MIN_STEPS, and coarsens the grid only below.
+TARGET_STEPS = 800
 MIN_STEPS = 400
 # Candidate spacings as multiples of the data's finest native spacing (1 mm data: 1 to 2 mm; the
 # MONAI BraTS recipe trains at 2 mm). No axis is ever resampled finer than its native spacing.
@@ -91,22 +94,27 @@ def candidate_spacings(fp, explicit):
 
 def plan_samples(shape, explicit):
     """The (mode, size, depth) samples to weigh for a resampled median case of `shape`, largest
-    first: the whole case when it fits VOXEL_CAP (or data.mode resize says so), else patches of
-    PATCH_LADDER's voxel counts with the case's proportions, each no larger than the padded case."""
+    first: the whole case when it fits VOXEL_CAP (only it when data.mode resize says so), then
+    patches of PATCH_LADDER's voxel counts smaller than it, with the case's proportions, each no
+    larger than the padded case."""
     mode = explicit.get("data.mode") or ("patch" if "data.patch_size" in explicit else None)
     if "data.image_size" in explicit and mode != "patch":
         size = [int(s) for s in _three(explicit["data.image_size"])]
         return [("resize", size, plan_depth(min(size), explicit))]
+    samples = []
     if mode != "patch":
         depth = plan_depth(min(shape), explicit)
         whole = [max(2 ** depth, 2 ** depth * round(n / 2 ** depth)) for n in shape]
-        if mode == "resize" or math.prod(whole) <= VOXEL_CAP:
+        if mode == "resize":
             return [("resize", whole, depth)]
+        if math.prod(whole) <= VOXEL_CAP:
+            samples.append(("resize", whole, depth))
     if "data.patch_size" in explicit:
         patch = [int(s) for s in _three(explicit["data.patch_size"])]
         return [("patch", patch, plan_depth(min(patch), explicit))]
-    samples = []
     for voxels in PATCH_LADDER:
+        if samples and voxels >= math.prod(samples[0][1]):
+            continue  # no patch as large as the whole case it is cut from
         scale = min(1.0, (voxels / math.prod(shape)) ** (1 / 3))
         depth = plan_depth(min(shape) * scale, explicit)
         step = 2 ** depth
@@ -168,18 +176,32 @@ def choose(fp, budget_s, fits, explicit, val_cases):
         return [evaluate_candidate(spacing, shape, s, width, fits[width], budget_s, val_cases, batch)
                 for s in ([sample] if sample else plan_samples(shape, explicit))]
 
-    # finest spacing first, and at each the largest sample first: a fixed order, so a larger budget
-    # (more steps for every candidate) can only stop earlier in it, never at a coarser one
-    weighed = [c for spacing in candidate_spacings(fp, explicit) for c in at(spacing, widths[0])]
+    by_spacing = [at(spacing, widths[0]) for spacing in candidate_spacings(fp, explicit)]
+    weighed = [c for samples in by_spacing for c in samples]
     # an explicit patch larger than the median case at every spacing: the user's choice, at native spacing
-    candidates = [c for c in weighed if c["fits"]] or weighed[:1]
-    feasible = [c for c in candidates if c["steps"] >= MIN_STEPS]
-    chosen = feasible[0] if feasible else candidates[-1]  # none: the coarsest, so less never buys finer
+    if not any(c["fits"] for c in weighed):
+        by_spacing = [weighed[:1]]
+    chosen = pick_sample(by_spacing)
     for width in reversed(widths[1:]):
         wider = at(chosen["spacing"], width, (chosen["mode"], chosen["size"], chosen["depth"]))[0]
-        if wider["steps"] >= MIN_STEPS:
+        if wider["steps"] >= TARGET_STEPS:
             return wider, weighed
     return chosen, weighed
+
+
+def pick_sample(by_spacing):
+    """The rule of the module docstring over candidates grouped by spacing (finest first, each
+    group largest sample first). A larger budget buys more steps for every candidate, so it can
+    only stop at the same spacing or a finer one, never a coarser one."""
+    for samples in by_spacing:
+        fitting = [c for c in samples if c["fits"]]
+        enough = [c for c in fitting if c["steps"] >= TARGET_STEPS]
+        if enough:
+            return enough[0]
+        if fitting and fitting[-1]["steps"] >= MIN_STEPS:
+            return fitting[-1]
+    fitting = [c for samples in by_spacing for c in samples if c["fits"]]
+    return fitting[-1] if fitting else by_spacing[0][0]  # the coarsest, so less never buys finer
 
 
 def _mm(spacing):
@@ -201,12 +223,16 @@ def mode_reason(c, explicit):
 def explain(c, weighed, fp, widths, budget_minutes, steps, val_every, explicit, speed):
     """A short reason for each planned key."""
     index = next((i for i, w in enumerate(weighed) if (w["spacing"], w["size"]) == (c["spacing"], c["size"])), 0)
-    enough = c["steps"] >= MIN_STEPS
     before = (f"; {weighed[index - 1]['steps']} with {_vox(weighed[index - 1]['size'])} at "
               f"{_mm(weighed[index - 1]['spacing'])}" if index else "")
-    spacing_why = (f"the first candidate (finest spacing, then largest sample) for which {budget_minutes:g} min "
-                   f"buys >= {MIN_STEPS} steps ({c['steps']}{before})" if enough else
-                   f"no candidate buys {MIN_STEPS} steps in {budget_minutes:g} min; the coarsest")
+    if c["steps"] >= TARGET_STEPS:
+        spacing_why = (f"finest spacing, then largest sample, for which {budget_minutes:g} min buys >= "
+                       f"{TARGET_STEPS} steps ({c['steps']}{before})")
+    elif c["steps"] >= MIN_STEPS:
+        spacing_why = (f"finest spacing at which the smallest sample still buys >= {MIN_STEPS} steps in "
+                       f"{budget_minutes:g} min ({c['steps']}; none buys {TARGET_STEPS} there)")
+    else:
+        spacing_why = f"no candidate buys {MIN_STEPS} steps in {budget_minutes:g} min; the coarsest"
     size_key = "data.image_size" if c["mode"] == "resize" else "data.patch_size"
     return {
         "data.mode": mode_reason(c, explicit),
@@ -217,8 +243,7 @@ def explain(c, weighed, fp, widths, budget_minutes, steps, val_every, explicit, 
                                                    f"the padded shape {_vox(padded_shape(c['shape'], c['depth']))}")),
         "train.batch_size": "2 as nnU-Net in 3D: a larger batch buys fewer steps under a budget",
         "model.base_channels": ("the width the speed table timed" if len(widths) == 1 else
-                                f"widest timed width of {widths} that still gets >= {MIN_STEPS} steps" if enough
-                                else f"narrowest timed width of {widths}: none gets {MIN_STEPS} steps"),
+                                f"widest timed width of {widths} that still gets >= {TARGET_STEPS} steps"),
         "model.depth": (f"downsample while the bottleneck keeps >= {MIN_BOTTLENECK} voxels a side (at most "
                         f"{MAX_DEPTH}; speed timed at depth {speed.get('depth', '?')})"),
         "train.schedule": "poly over the planned steps, so the learning rate ends when the budget does",
@@ -243,7 +268,7 @@ def plan_recipe(fp, budget_minutes, speed, explicit=None, val_cases=None):
     val_cases = val_cases or max(1, round(VAL_FRACTION * fp["n_cases"]))
     inputs = {"budget_minutes": budget_minutes, "explicit": explicit, "val_cases": val_cases,
               "speed": speed, "fingerprint": fp}
-    constants = {"MIN_STEPS": MIN_STEPS, "SPACING_FACTORS": list(SPACING_FACTORS), "VOXEL_CAP": VOXEL_CAP,
+    constants = {"TARGET_STEPS": TARGET_STEPS, "MIN_STEPS": MIN_STEPS, "SPACING_FACTORS": list(SPACING_FACTORS), "VOXEL_CAP": VOXEL_CAP,
                  "MIN_BOTTLENECK": MIN_BOTTLENECK, "MAX_DEPTH": MAX_DEPTH, "BATCH_SIZE": BATCH_SIZE,
                  "VAL_SHARE": VAL_SHARE, "MAX_VALIDATIONS": MAX_VALIDATIONS, "WARMUP_SHARE": WARMUP_SHARE}
     plan = {"values": {}, "why": {}, "estimates": {}, "inputs": inputs, "constants": constants}

@@ -63,13 +63,28 @@ def test_the_budget_moves_the_spacing_across_the_candidates():
 
 
 def test_the_measured_data_point_20_minutes_on_one_core_give_1_mm_patches_of_about_64_cubed():
-    # calibrated to docs/accuracy.md: a 64^3 batch of 2 took ~2.4 s a step on one busy core, and
-    # 1 mm 64^3 patches then beat the whole brain at 2 mm on every test case
-    speed = speed_table(per_voxel=2.4 / (2 * 64 ** 3), overhead=0.0)
+    # calibrated to docs/accuracy.md: a 64^3 batch of 2 took ~1.1 s a step on one core, and 1 mm 64^3
+    # patches with ~800 steps then beat 72x88x72 patches with ~400 and the whole brain at 2 mm
+    speed = speed_table(per_voxel=1.1 / (2 * 64 ** 3), overhead=0.0)
     values = plan.plan_recipe(FINGERPRINTS["brats 1 mm"], 20, speed, {"model.base_channels": 16})["values"]
     assert values["data.mode"] == "patch" and values["data.spacing"] == [1.0] * 3
     assert 0.6 * 64 ** 3 <= math.prod(values["data.patch_size"]) <= 1.1 * 64 ** 3
-    assert values["train.max_steps"] >= plan.MIN_STEPS and values["train.schedule"] == "poly"
+    assert values["train.max_steps"] >= plan.TARGET_STEPS and values["train.schedule"] == "poly"
+
+
+def test_steps_come_before_a_larger_patch_and_the_grid_coarsens_only_under_min_steps():
+    fp, speed = FINGERPRINTS["brats 1 mm"], speed_table(per_voxel=1.1 / (2 * 64 ** 3), overhead=0.0)
+    plans = {budget: plan.plan_recipe(fp, budget, speed, {"model.base_channels": 16}) for budget in (5, 12, 60)}
+    for budget, p in plans.items():
+        chosen, values = p["estimates"]["chosen"], p["values"]
+        larger = [c for c in p["estimates"]["weighed"] if c["spacing"] == chosen["spacing"]
+                  and c["fits"] and math.prod(c["size"]) > math.prod(chosen["size"])]
+        assert all(c["steps"] < plan.TARGET_STEPS for c in larger), budget  # no larger sample buys the target
+        assert chosen["steps"] >= plan.MIN_STEPS or values["data.spacing"] == [2.0] * 3, budget
+    assert plans[12]["values"]["data.spacing"] == [1.0] * 3  # 64^3 buys under 800 but over 400: stays at 1 mm
+    assert plans[12]["estimates"]["chosen"]["steps"] < plan.TARGET_STEPS
+    assert plans[5]["values"]["data.spacing"] != [1.0] * 3  # 64^3 buys under 400 at 1 mm: a coarser grid
+    assert math.prod(plans[60]["values"]["data.patch_size"]) > 64 ** 3  # an hour buys a larger patch
 
 
 @pytest.mark.parametrize("fp_name", FINGERPRINTS)
@@ -102,9 +117,12 @@ def test_explicit_keys_win_and_the_rest_is_planned_around_them():
         assert values[key] == value and p["why"][key] == "set explicitly"
     assert values["data.mode"] == "patch" and "data.image_size" not in values
     assert values["train.val_every"] <= 777 and values["train.warmup_steps"] == round(plan.WARMUP_SHARE * 777)
-    spaced = plan.plan_recipe(fp, 25, speed, {"data.spacing": 1.25})["values"]
+    spaced = plan.plan_recipe(fp, 400, speed, {"data.spacing": 1.25})["values"]
     assert spaced["data.spacing"] == 1.25  # as given
     assert spaced["data.image_size"] == [112, 136, 112]  # the whole case at 1.25 mm, multiples of 2**3
+    spaced = plan.plan_recipe(fp, 25, speed, {"data.spacing": 1.25})["values"]
+    assert spaced["data.spacing"] == 1.25 and spaced["data.mode"] == "patch"  # 25 min: patches of it
+    assert all(p <= w for p, w in zip(spaced["data.patch_size"], [112, 136, 112]))
     sized = plan.plan_recipe(fp, 25, speed, {"data.image_size": [64, 64, 64]})["values"]
     assert sized["data.mode"] == "resize" and sized["data.image_size"] == [64, 64, 64]
     assert sized["data.spacing"] == [round(n / 64, 4) for n in fp["median_shape"]]
