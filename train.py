@@ -63,7 +63,7 @@ def train_one_epoch(run, loader, stop, progress, desc="train"):
             return "stop" if stop.requested else "end"
         if tc.max_steps and run.step >= tc.max_steps:
             return "end"
-        if tc.val_every and run.step % tc.val_every == 0:
+        if tc.val_every and run.step >= progress["val_due"]:
             return "validate"
     return None
 
@@ -78,7 +78,11 @@ def train_round(run, train_set, position, stop):
     validation is due: the end of an epoch (train.val_every 0) or every train.val_every steps.
     Returns "validate", "end" (validate a last time: train.epochs, max_steps or max_minutes reached)
     or "stop" (a stop signal; the position stays where the signal found it)."""
-    epochs = run.cfg.train.epochs
+    epochs, val_every = run.cfg.train.epochs, run.cfg.train.val_every
+    # counted from the round's start, not as multiples of val_every: a re-fitted val_every
+    # (refit_steps) would otherwise put the next validation anywhere from 1 step on
+    if val_every and not position.get("val_due"):
+        position["val_due"] = run.step + val_every
     while True:
         loader = epoch_loader(run, train_set, position["epoch"], position["steps"])
         epoch_batches = position["steps"] + len(loader)
@@ -169,7 +173,8 @@ def refit_steps(run, steps, train_seconds, val_seconds):
 
 def checkpoint_state(run, history, position):
     """Everything needed to continue exactly: `epoch` is the last completed epoch; `partial` the
-    position in the next one ({"epoch", "steps", "loss_sum", "count"}) when it has begun; `step`
+    position in the next one ({"epoch", "steps", "loss_sum", "count", "val_due": the step of the next
+    validation under train.val_every}) when it has begun; `step`
     the optimizer steps taken (the schedule's clock)."""
     begun = position["steps"] or position["count"]
     return {"model": unwrap(run.model).state_dict(), "optimizer": run.optimizer.state_dict(),
@@ -198,7 +203,7 @@ def restore_state(run, state):
 
 
 def new_progress(epoch=1):
-    return {"epoch": epoch, "steps": 0, "loss_sum": 0.0, "count": 0}
+    return {"epoch": epoch, "steps": 0, "loss_sum": 0.0, "count": 0, "val_due": None}
 
 
 def epoch_loader(run, train_set, epoch, skip_batches):
@@ -251,7 +256,7 @@ def fit(run, train_set, val_paths, run_dir, resume=None):
                     save_last(run_dir, checkpoint_state(run, history, dict(position, loss_sum=loss_sum, count=count)))
                 distributed.barrier()
                 return os.path.join(run_dir, "best.pt"), stop.signal or signal.SIGTERM  # or another rank's
-            position.update(loss_sum=0.0, count=0)
+            position.update(loss_sum=0.0, count=0, val_due=None)
             distributed.broadcast_buffers(run.model)  # batch norm statistics as rank 0 (and the checkpoint) has them
             val_start = time.time()
             validation = validate(run, val_paths, cache)

@@ -193,3 +193,15 @@ def test_refit_steps_fits_a_planned_step_count_to_the_pace_of_each_round():
     run.step = run.cfg.train.max_steps                            # the final round: nothing left to fit
     refit_steps(run, 50, train_seconds=10.0, val_seconds=5.0)
     assert run.cfg.train.max_steps == run.step
+
+
+def test_a_refitted_val_every_counts_from_the_last_validation(monkeypatch):
+    import train
+    from guards import GracefulStop
+    run = tiny_run(UNet(4, 3, base_channels=2, depth=1), val_every=7, epochs=0)
+    run.step = 10  # validated at step 10 under val_every 10; refit_steps has just made it 7
+    batch = {"image": torch.randn(1, 4, 8, 8, 8), "target": torch.zeros(1, 3, 8, 8, 8)}
+    monkeypatch.setattr(train, "epoch_loader", lambda *args: [batch] * 5)  # epochs of 5 steps
+    with GracefulStop() as stop:
+        assert train.train_round(run, None, train.new_progress(), stop) == "validate"
+    assert run.step == 17  # 7 steps after the last validation, not at 14, the next multiple of 7
