@@ -295,11 +295,19 @@ def plan_recipe(fp, budget_minutes, speed, explicit=None, val_cases=None):
                   speed)
     for key in values:
         if key in explicit:
-            values[key], why[key] = explicit[key], "set explicitly"
+            values[key], why[key] = explicit[key], explicit_reason(key, explicit[key])
     plan["values"], plan["why"] = values, why
     plan["estimates"] = {"chosen": chosen, "weighed": weighed,
                          "speed_fit": {str(w): f for w, f in fits.items()}}
     return plan
+
+
+def explicit_reason(key, value):
+    """Why a key kept its value; an epoch limit can end a run before its budget (a preset's too)."""
+    if key == "train.epochs" and int(value):
+        return (f"set explicitly: training stops after {int(value)} epochs even if the budget buys more "
+                f"steps, with the learning rate mid-schedule (train.epochs 0: no limit)")
+    return "set explicitly"
 
 
 def plan_slices(fp, budget_s, speed, explicit, val_cases):
@@ -326,5 +334,5 @@ def plan_slices(fp, budget_s, speed, explicit, val_cases):
            "plan": "2D slices: network, slice size and batch as configured; only the schedule is planned"}
     for key in values:
         if key in explicit:
-            values[key], why[key] = explicit[key], "set explicitly"
+            values[key], why[key] = explicit[key], explicit_reason(key, explicit[key])
     return values, why, {"step_seconds": step_s, "validation_seconds": validation_s, "validations": validations}

@@ -308,3 +308,5 @@ def test_2d_slices_plan_only_the_schedule_for_the_budget():
     assert long["values"]["train.max_steps"] > 2.5 * short["values"]["train.max_steps"]
     fixed = plan.plan_recipe(fp, 30, speed, {**explicit, "train.max_steps": 500}, val_cases=5)
     assert fixed["values"]["train.max_steps"] == 500 and fixed["why"]["train.max_steps"] == "set explicitly"
+    capped = plan.plan_recipe(fp, 30, speed, {**explicit, "train.epochs": 50}, val_cases=5)  # as lgg2d's preset
+    assert capped["values"]["train.epochs"] == 50 and "stops after 50 epochs" in capped["why"]["train.epochs"]
