@@ -181,9 +181,7 @@ def choose(fp, budget_s, fits, explicit, val_cases):
     by_spacing = [at(spacing, widths[0]) for spacing in candidate_spacings(fp, explicit)]
     weighed = [c for samples in by_spacing for c in samples]
     # an explicit patch larger than the median case at every spacing: the user's choice, at native spacing
-    if not any(c["fits"] for c in weighed):
-        by_spacing = [weighed[:1]]
-    chosen = pick_sample(by_spacing)
+    chosen = pick_sample(by_spacing) if any(c["fits"] for c in weighed) else weighed[0]
     for width in reversed(widths[1:]):
         wider = at(chosen["spacing"], width, (chosen["mode"], chosen["size"], chosen["depth"]))[0]
         if wider["steps"] >= TARGET_STEPS:
@@ -193,8 +191,8 @@ def choose(fp, budget_s, fits, explicit, val_cases):
 
 def pick_sample(by_spacing):
     """The rule of the module docstring over candidates grouped by spacing (finest first, each
-    group largest sample first). A larger budget buys more steps for every candidate, so it can
-    only stop at the same spacing or a finer one, never a coarser one."""
+    group largest sample first; at least one fits). A larger budget buys more steps for every
+    candidate, so it can only stop at the same spacing or a finer one, never a coarser one."""
     for samples in by_spacing:
         fitting = [c for c in samples if c["fits"]]
         enough = [c for c in fitting if c["steps"] >= TARGET_STEPS]
@@ -202,8 +200,7 @@ def pick_sample(by_spacing):
             return enough[0]
         if fitting and fitting[-1]["steps"] >= MIN_STEPS:
             return fitting[-1]
-    fitting = [c for samples in by_spacing for c in samples if c["fits"]]
-    return fitting[-1] if fitting else by_spacing[0][0]  # the coarsest, so less never buys finer
+    return [c for samples in by_spacing for c in samples if c["fits"]][-1]  # the coarsest: less never buys finer
 
 
 def _mm(spacing):
@@ -270,7 +267,8 @@ def plan_recipe(fp, budget_minutes, speed, explicit=None, val_cases=None):
     val_cases = val_cases or max(1, round(VAL_FRACTION * fp["n_cases"]))
     inputs = {"budget_minutes": budget_minutes, "explicit": explicit, "val_cases": val_cases,
               "speed": speed, "fingerprint": fp}
-    constants = {"TARGET_STEPS": TARGET_STEPS, "MIN_STEPS": MIN_STEPS, "SPACING_FACTORS": list(SPACING_FACTORS), "VOXEL_CAP": VOXEL_CAP,
+    constants = {"TARGET_STEPS": TARGET_STEPS, "MIN_STEPS": MIN_STEPS, "SPACING_FACTORS": list(SPACING_FACTORS),
+                 "VOXEL_CAP": VOXEL_CAP,
                  "MIN_BOTTLENECK": MIN_BOTTLENECK, "MAX_DEPTH": MAX_DEPTH, "BATCH_SIZE": BATCH_SIZE,
                  "VAL_SHARE": VAL_SHARE, "MAX_VALIDATIONS": MAX_VALIDATIONS, "WARMUP_SHARE": WARMUP_SHARE}
     plan = {"values": {}, "why": {}, "estimates": {}, "inputs": inputs, "constants": constants}

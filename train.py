@@ -174,8 +174,8 @@ def refit_steps(run, steps, train_seconds, val_seconds):
 def checkpoint_state(run, history, position):
     """Everything needed to continue exactly: `epoch` is the last completed epoch; `partial` the
     position in the next one ({"epoch", "steps", "loss_sum", "count", "val_due": the step of the next
-    validation under train.val_every}) when it has begun; `step`
-    the optimizer steps taken (the schedule's clock)."""
+    validation under train.val_every}) when it has begun; `step` the optimizer steps taken (the
+    schedule's clock)."""
     begun = position["steps"] or position["count"]
     return {"model": unwrap(run.model).state_dict(), "optimizer": run.optimizer.state_dict(),
             "scheduler": run.scheduler.state_dict() if run.scheduler is not None else None,

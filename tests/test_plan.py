@@ -81,7 +81,7 @@ def test_steps_come_before_a_larger_patch_and_the_grid_coarsens_only_under_min_s
                   and c["fits"] and math.prod(c["size"]) > math.prod(chosen["size"])]
         assert all(c["steps"] < plan.TARGET_STEPS for c in larger), budget  # no larger sample buys the target
         assert chosen["steps"] >= plan.MIN_STEPS or values["data.spacing"] == [2.0] * 3, budget
-    assert plans[12]["values"]["data.spacing"] == [1.0] * 3  # 64^3 buys under 800 but over 400: stays at 1 mm
+    assert plans[12]["values"]["data.spacing"] == [1.0] * 3  # 64^3 buys under TARGET_STEPS but over MIN_STEPS: stays at 1 mm
     assert plans[12]["estimates"]["chosen"]["steps"] < plan.TARGET_STEPS
     assert plans[5]["values"]["data.spacing"] != [1.0] * 3  # 64^3 buys under 400 at 1 mm: a coarser grid
     assert math.prod(plans[60]["values"]["data.patch_size"]) > 64 ** 3  # an hour buys a larger patch
