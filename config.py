@@ -127,7 +127,10 @@ class EvalConfig:
     threshold: float = 0.5             # sigmoid threshold for each region
     batch_size: int = 1                # cases (slices mode: slices) per forward pass in validation and prediction
     overlap: float = 0.5               # patch mode: sliding-window overlap, as a share of the window
-    sw_batch_size: int = 2             # patch mode: windows per forward pass (bounds the memory used)
+    sw_batch_size: int = 0             # patch mode: windows per forward pass (bounds the memory used);
+                                       # 0: 1 on a CPU (faster per window there), 2 on a GPU
+    crop_nonzero: bool = True          # patch mode: predict only the box of non-zero voxels; outside it
+                                       # is background (nnU-Net's crop; a whole scan has ~2.5x the windows)
     gaussian: bool = True              # patch mode: weight windows by a Gaussian (centres count more)
     mirror: bool = False               # test-time augmentation: average over every axis flip (8x slower in 3D)
     postprocess_et_min: int = 0        # brats task: predicted ET below this many voxels becomes necrosis (0: off)

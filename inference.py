@@ -135,19 +135,50 @@ def predict_case(model, image, cfg, device, amp_dtype=None, spacing=None):
     return resize_image(probs, native).clamp_(0, 1)
 
 
+def nonzero_box(image):
+    """Bounding box (a slice per spatial axis) of the voxels non-zero in any channel of (C, *spatial);
+    None when every voxel is zero."""
+    nonzero = (torch.as_tensor(image) != 0).any(0)
+    if not nonzero.any():
+        return None
+    box = []
+    for axis in range(nonzero.dim()):
+        where = torch.nonzero(nonzero.any(dim=[a for a in range(nonzero.dim()) if a != axis])).flatten()
+        box.append(slice(int(where[0]), int(where[-1]) + 1))
+    return tuple(box)
+
+
+def windows_per_pass(eval_cfg, device):
+    """eval.sw_batch_size, with 0 (auto) resolved: 1 window per forward on a CPU, where a larger
+    batch ran slower per window (docs/performance.md), 2 on a GPU."""
+    if eval_cfg.sw_batch_size > 0:
+        return eval_cfg.sw_batch_size
+    return 2 if torch.device(device).type == "cuda" else 1
+
+
 def predict_patches(model, image, cfg, device, amp_dtype, spacing):
-    """Patch mode: the normalised image, resampled to data.spacing when that is coarser than
-    `spacing`, predicted by a sliding window; probabilities brought back to the native grid."""
+    """Patch mode: the normalised image, cropped to its non-zero box (eval.crop_nonzero: as nnU-Net
+    does, everything outside the brain is background, and a 240x240x155 scan holds ~2.5x more
+    windows than its brain), resampled to data.spacing when that is coarser than `spacing`,
+    predicted by a sliding window; probabilities brought back to the native grid, 0 outside the box."""
     if cfg.data.spacing and spacing is None:
         raise ValueError("predict_case: data.spacing is set, so the image's own spacing must be given")
     ev, target = cfg.eval, target_spacing(spacing or (), cfg.data.spacing)
-    native, image = tuple(image.shape[1:]), zscore_brain(image)
+    native = tuple(image.shape[1:])
+    box = nonzero_box(image) if ev.crop_nonzero else None
+    image = zscore_brain(image if box is None else image[(slice(None), *box)])
+    cropped = tuple(image.shape[1:])
     if target is not None:
         image = resample_image(image, spacing, target)
     logits = sliding_window(model_predictor(model, device, amp_dtype), image, tuple(cfg.data.patch_size),
-                            ev.overlap, ev.sw_batch_size, ev.gaussian, ev.mirror, device)
+                            ev.overlap, windows_per_pass(ev, device), ev.gaussian, ev.mirror, device)
     probs = torch.sigmoid(logits)
-    return probs if target is None else resample_back(probs.cpu(), native)
+    probs = probs if target is None else resample_back(probs.cpu(), cropped)
+    if box is None or cropped == native:
+        return probs
+    full = torch.zeros((probs.shape[0], *native), dtype=probs.dtype, device=probs.device)
+    full[(slice(None), *box)] = probs
+    return full
 
 
 @torch.no_grad()

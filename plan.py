@@ -53,7 +53,7 @@ VAL_SHARE = 0.10          # validation may take at most this share of the budget
 # estimate counts forwards only (not reading, resampling back, scoring), so more would cost more.
 MAX_VALIDATIONS = 20
 VAL_OVERLAP = 0.5         # patch mode: sliding-window overlap of validation (eval.overlap's default)
-VAL_SW_BATCH = 2          # patch mode: windows per forward in validation (eval.sw_batch_size's default)
+VAL_SW_BATCH = 1          # patch mode: windows per forward in validation (eval.sw_batch_size auto, on a CPU)
 VAL_FRACTION = 0.15       # validation cases as a share of the cases when not given (data.val_fraction's default)
 WARMUP_SHARE = 0.03       # linear warm-up over this share of the planned steps
 

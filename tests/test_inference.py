@@ -128,3 +128,53 @@ def test_a_patch_model_at_a_coarser_spacing_predicts_at_the_native_shape():
     native = predict_case(TumourDetector(), case.image, cfg, torch.device("cpu"), spacing=(1.0, 1.0, 1.0))
     cfg.data.spacing = ()
     torch.testing.assert_close(native, predict_case(TumourDetector(), case.image, cfg, torch.device("cpu")))
+
+
+class CountingModel(torch.nn.Module):
+    """A per-voxel model (its output at a voxel depends on that voxel only, so window borders do
+    not matter) that counts the windows it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale, self.windows = torch.nn.Parameter(torch.tensor(3.0)), 0
+
+    def forward(self, batch):
+        self.windows += batch.shape[0]
+        return batch[:, :3] * self.scale - 1
+
+
+def test_a_scan_is_predicted_on_its_brain_box_and_is_background_outside():
+    cfg = Config()
+    cfg.data.mode, cfg.data.patch_size, cfg.eval.overlap = "patch", (8, 8, 8), 0.5
+    brain = torch.rand(4, 10, 12, 9) + 0.5
+    scan = torch.zeros(4, 30, 28, 26)
+    scan[:, 11:21, 5:17, 9:18] = brain
+    scan[2, 11, 5, 9] = 0  # a zero inside the brain (one channel) leaves the box as it is
+    cropped, whole = CountingModel(), CountingModel()
+    probs = predict_case(cropped, scan, cfg, torch.device("cpu"))
+    assert probs.shape == (3, 30, 28, 26)
+    inside = (slice(None), slice(11, 21), slice(5, 17), slice(9, 18))
+    torch.testing.assert_close(probs[inside], predict_case(CountingModel(), scan[inside], cfg, torch.device("cpu")))
+    outside = torch.ones(30, 28, 26, dtype=torch.bool)
+    outside[inside[1:]] = False
+    assert float(probs[:, outside].abs().max()) == 0.0
+    cfg.eval.crop_nonzero = False  # the whole scan: ~8x the windows here, the brain predicted alike
+    uncropped = predict_case(whole, scan, cfg, torch.device("cpu"))
+    torch.testing.assert_close(uncropped[inside], probs[inside])
+    assert uncropped[:, outside].min() > 0  # sigmoid(-1) where the crop says background
+    assert whole.windows > 5 * cropped.windows
+
+
+def test_an_empty_scan_is_predicted_whole():
+    cfg = Config()
+    cfg.data.mode, cfg.data.patch_size = "patch", (8, 8, 8)
+    probs = predict_case(CountingModel(), torch.zeros(4, 9, 10, 11), cfg, torch.device("cpu"))
+    torch.testing.assert_close(probs, torch.full((3, 9, 10, 11), float(torch.sigmoid(torch.tensor(-1.0)))))
+
+
+def test_windows_per_pass_auto_is_one_on_a_cpu_and_explicit_values_win():
+    from inference import windows_per_pass
+    cfg = Config()
+    assert windows_per_pass(cfg.eval, "cpu") == 1 and windows_per_pass(cfg.eval, "cuda") == 2
+    cfg.eval.sw_batch_size = 4
+    assert windows_per_pass(cfg.eval, "cpu") == 4
