@@ -25,12 +25,12 @@ from bench_machine import (allocator_settings, bf16_supported, ceiling_fractions
 from bench_profile import format_profile, labelled_loss, profile_steps
 from config import build_config, check
 from dataset import build_dataset
-from inference import model_predictor, sliding_window
+from bench_infer import bench_inference, compare_monai_inference
 from loaders import loader_workers, make_loader
 from losses import DiceBCELoss
 from model import build_model
 from overrides import split_args
-from precision import autocast, autocast_dtype, prepare_model, resolve_device
+from precision import autocast_dtype, prepare_model, resolve_device
 from step import make_run, train_step
 
 
@@ -101,35 +101,6 @@ def bench_loader(cfg, device, n_cases, epochs, case_sizes=(72, 104)):
         return {"loader_samples_per_s": samples / (time.perf_counter() - start), "loader_workers": workers}
 
 
-# --- whole-case inference ---------------------------------------------------------------------------------
-
-def bench_inference(cfg, device, case_shape, repeats, crop=None):
-    """Sliding-window seconds over one case (overlap eval.overlap, window data.patch_size), without and
-    with mirror TTA. With a `crop` size, both are timed on a crop and scaled by the count of windows."""
-    from inference import window_starts
-    mc, ev, tc = cfg.model, cfg.eval, cfg.train
-    window = tuple(cfg.data.patch_size)
-    model = build_model(mc).to(device).eval()  # as evaluate.py runs it: channels_last does not pay at inference
-    predictor = model_predictor(model, device, autocast_dtype(device, tc.amp, tc.precision))
-    image = torch.randn(mc.in_channels, *case_shape)
-    if crop is not None:
-        image = image[(slice(None), *(slice(0, c) for c in crop))]
-
-    def windows(shape):
-        n = 1
-        for s, w in zip(shape, window):
-            n *= len(window_starts(max(s, w), w, ev.overlap))
-        return n
-    scale = windows(case_shape) / windows(image.shape[1:])
-    reset_peak(device)
-    times = {mirror: interleaved({"case": lambda: sliding_window(predictor, image, window, ev.overlap,
-                                                                 ev.sw_batch_size, ev.gaussian, mirror, device)},
-                                 device, repeats if not mirror else 1, warmup=0)["case"] * scale
-             for mirror in (False, True)}
-    return {"infer_case_s": times[False], "infer_case_mirror_s": times[True], "infer_windows": windows(case_shape),
-            "infer_estimated": crop is not None, "infer_peak_mib": peak_mib(device)}
-
-
 # --- MONAI, side by side ----------------------------------------------------------------------------------
 
 def monai_dynunet(mc):
@@ -144,32 +115,18 @@ def monai_dynunet(mc):
 
 
 def compare_monai(cfg, device, batch_size, size, case_shape, repeats):
-    """Our step and sliding window against DynUNet's step and MONAI's sliding_window_inference,
-    interleaved; the ratios are our time over theirs (below 1: we are faster)."""
-    from monai.inferers import sliding_window_inference
-    mc, tc, ev = cfg.model, cfg.train, cfg.eval
-    amp_dtype = autocast_dtype(device, tc.amp, tc.precision)
+    """Our step against DynUNet's and our prediction against MONAI's sliding_window_inference
+    (bench_infer.compare_monai_inference), interleaved; the ratios are our time over theirs (below
+    1: we are faster)."""
+    mc = cfg.model
     batch = random_batch(batch_size, mc.in_channels, size, mc.out_channels, device)
-    ours = prepare_model(build_model(mc).to(device), tc, device)
+    ours = prepare_model(build_model(mc).to(device), cfg.train, device)
     steps = interleaved({"ours": make_step(cfg, ours, batch, device),
                          "monai": make_step(cfg, monai_dynunet(mc).to(device), batch, device)},
                         device, repeats)
-    window = tuple(cfg.data.patch_size)
-    image = torch.randn(mc.in_channels, *case_shape)
-    plain = build_model(mc).to(device).eval()  # the same network and layout for both sliding windows
-    predictor = model_predictor(plain, device, amp_dtype)
-
-    def theirs():
-        with torch.no_grad(), autocast(device, amp_dtype):
-            return sliding_window_inference(image[None].to(device), window, ev.sw_batch_size, plain,
-                                            overlap=ev.overlap, mode="gaussian" if ev.gaussian else "constant")
-    infer = interleaved({"ours": lambda: sliding_window(predictor, image, window, ev.overlap, ev.sw_batch_size,
-                                                        ev.gaussian, False, device),
-                         "monai": theirs}, device, repeats, warmup=0)
     return {"monai_step_s": steps["monai"], "monai_step_ours_s": steps["ours"],
-            "vs_monai_step": steps["ours"] / steps["monai"], "monai_infer_s": infer["monai"],
-            "monai_infer_ours_s": infer["ours"], "vs_monai_infer": infer["ours"] / infer["monai"],
-            "monai_case_shape": list(case_shape)}
+            "vs_monai_step": steps["ours"] / steps["monai"],
+            **compare_monai_inference(cfg, device, case_shape, repeats)}
 
 
 # --- the profile (bench_profile) -------------------------------------------------------------------------
@@ -238,13 +195,15 @@ def format_table(out):
                      f"{s['voxels_per_s'] / 1e6:>9.2f}{s['peak_mib']:>10.0f}")
     lines.append(f"loader: {out['loader_samples_per_s']:.1f} samples/s with {out['loader_workers']} workers, "
                  f"{out['loader_over_step']:.1f}x the step's sample rate")
-    lines.append(f"inference, {out['infer_windows']} windows: {out['infer_case_s']:.1f} s, with mirror TTA "
+    lines.append(f"inference, {out['infer_windows']} windows (the whole scan: {out['infer_windows_whole_scan']}), "
+                 f"{out['infer_windows_per_pass']} per pass: {out['infer_case_s']:.1f} s, with mirror TTA "
                  f"{out['infer_case_mirror_s']:.1f} s{' (scaled from a crop)' if out['infer_estimated'] else ''}"
                  f", peak {out['infer_peak_mib']:.0f} MiB")
     if "vs_monai_step" in out:
         lines.append(f"vs MONAI (ours / theirs): step {out['vs_monai_step']:.2f} "
-                     f"({out['monai_step_ours_s']:.3f} s / {out['monai_step_s']:.3f} s), sliding window "
-                     f"{out['vs_monai_infer']:.2f} ({out['monai_infer_ours_s']:.1f} s / {out['monai_infer_s']:.1f} s)")
+                     f"({out['monai_step_ours_s']:.3f} s / {out['monai_step_s']:.3f} s), scan "
+                     f"{out['vs_monai_infer']:.2f} ({out['monai_infer_ours_s']:.1f} s / {out['monai_infer_s']:.1f} s), "
+                     f"same windows {out['vs_monai_windows']:.2f} ({out['monai_windows_ours_s']:.1f} s)")
     elif "monai" in out:
         lines.append(f"MONAI: {out['monai']}")
     return "\n".join(lines)

@@ -93,7 +93,20 @@ def test_monai_comparison_runs_when_monai_is_installed():
     dyn = bench.monai_dynunet(cfg.model)
     assert dyn(torch.randn(1, 4, 16, 16, 16)).shape == (1, 3, 16, 16, 16)
     out = bench.compare_monai(cfg, CPU, 1, (16, 16, 16), (20, 16, 16), repeats=1)
-    assert out["vs_monai_step"] > 0 and out["vs_monai_infer"] > 0
+    assert out["vs_monai_step"] > 0 and out["vs_monai_infer"] > 0 and out["vs_monai_windows"] > 0
+
+
+def test_the_bench_scan_is_a_brain_in_zeros_whose_box_is_what_is_predicted():
+    import bench_infer
+    scan = bench_infer.bench_scan(4, (240, 240, 155))
+    cfg = tiny_cfg()
+    box = bench_infer.predicted_shape(cfg, scan)
+    for side, whole, share in zip(box, (240, 240, 155), bench_infer.BRAIN_EXTENT):
+        assert abs(side - whole * share) <= 2
+    assert float(scan[:, 0, 0, 0].abs().max()) == 0
+    cfg.eval.crop_nonzero = False
+    assert bench_infer.predicted_shape(cfg, scan) == (240, 240, 155)
+    assert bench_infer.count_windows(box, (64, 64, 64), 0.5) < bench_infer.count_windows((240, 240, 155), (64, 64, 64), 0.5) / 2
 
 
 @pytest.mark.parametrize("batch,layout", [(1, torch.contiguous_format), (2, torch.channels_last_3d)])
