@@ -106,10 +106,17 @@ def flat_keys(overrides):
         [key for key, value in overrides.items() if not isinstance(value, dict)]
 
 
+PRESET_LENGTH = ("train.epochs",)  # a preset's run length without a budget: a train.max_minutes plan sets it
+
+
 def explicit_keys(cfg, pairs, preset=None, config_file=None):
     """{'section.key': value in cfg} of every key the user set: by the preset, the config file or the
-    command line (the planner plans only the others)."""
-    keys = set(pairs) | set(flat_keys(PRESETS.get(preset, {})))
+    command line (the planner plans only the others). Under a budget (train.max_minutes) a preset's
+    epoch limit is not the user's: it would end the run before the budget does, mid-schedule."""
+    preset_keys = set(flat_keys(PRESETS.get(preset, {})))
+    if cfg.train.max_minutes > 0:
+        preset_keys -= set(PRESET_LENGTH)
+    keys = set(pairs) | preset_keys
     if config_file:
         with open(config_file) as f:
             keys |= set(flat_keys(json.load(f)))

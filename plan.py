@@ -301,7 +301,7 @@ def plan_recipe(fp, budget_minutes, speed, explicit=None, val_cases=None):
 
 
 def explicit_reason(key, value):
-    """Why a key kept its value; an epoch limit can end a run before its budget (a preset's too)."""
+    """Why a key kept its value; an explicit epoch limit can end a run before its budget does."""
     if key == "train.epochs" and int(value):
         return (f"set explicitly: training stops after {int(value)} epochs even if the budget buys more "
                 f"steps, with the learning rate mid-schedule (train.epochs 0: no limit)")

@@ -149,3 +149,13 @@ def test_explicit_keys_come_from_the_preset_the_config_file_and_the_command_line
     assert explicit["train.lr"] == 0.01 and explicit["data.spacing"] == (2.0, 2.0, 2.0)
     assert explicit["model.base_channels"] == 8 and explicit["data.mode"] == "slices"  # the preset's
     assert "train.epochs" in explicit and "data.dir" not in explicit
+
+
+def test_under_a_budget_a_presets_epoch_limit_is_left_to_the_plan(tmp_path):
+    from overrides import explicit_keys
+    pairs = {"train.max_minutes": "30"}
+    cfg = build_config(pairs, "lgg2d")
+    explicit = explicit_keys(cfg, pairs, "lgg2d")
+    assert "train.epochs" not in explicit and explicit["model.dims"] == 2  # the rest of the preset stays
+    pairs["train.epochs"] = "7"  # the user's own limit is kept
+    assert explicit_keys(build_config(pairs, "lgg2d"), pairs, "lgg2d")["train.epochs"] == 7
