@@ -65,15 +65,16 @@ def member(model, mode="resize", **eval_keys):
 
 def test_ensemble_thresholds_the_mean_of_members_with_different_configs():
     """logit -0.847 is p 0.3, logit 1.386 is p 0.8: alone one predicts nothing and one everything;
-    their mean 0.55 passes a 0.5 threshold and fails a 0.6 one."""
-    low, high = member(ConstantModel(-0.8473), "patch"), member(ConstantModel(1.3863))
+    their mean 0.55 passes a 0.5 threshold and fails a 0.6 one. (The patch member predicts the
+    whole grid, not only the brain's box, so that every voxel holds the constant.)"""
+    low, high = member(ConstantModel(-0.8473), "patch", crop_nonzero=False), member(ConstantModel(1.3863))
     mean = predict_probabilities([low, high], bright_case(), CPU)
     assert torch.allclose(mean, torch.full((3, *SHAPE), 0.55), atol=1e-4)
     coarse = member(TumourDetector(), "patch")
     coarse.cfg.data.spacing = (2.0, 2.0, 2.0)  # a member trained at another spacing predicts at its own
     assert predict_probabilities([coarse], bright_case(), CPU).shape == (3, *SHAPE)
     assert evaluate_ensemble_case([low, high], bright_case(with_mask=False), CPU).pred.all()
-    strict = member(ConstantModel(-0.8473), "patch", threshold=0.6)  # the first member's eval keys decide
+    strict = member(ConstantModel(-0.8473), "patch", threshold=0.6, crop_nonzero=False)  # the first member's eval keys decide
     assert not evaluate_ensemble_case([strict, high], bright_case(with_mask=False), CPU).pred.any()
     detector = evaluate_ensemble_case([member(TumourDetector()), member(TumourDetector(), "patch")], bright_case(), CPU)
     assert detector.scores["WT"]["dice"] == 1.0
