@@ -164,8 +164,9 @@ def run(cfg, device, quick, with_monai, case_shape, sides=(96, 128), case_sizes=
     out.update(ceiling)
     default = tuple(cfg.data.image_size if cfg.data.mode == "resize" else cfg.data.patch_size)
     out["steps"] = [bench_step(cfg, device, cfg.train.batch_size, default, repeats, ceiling)]
+    warmup = 0 if quick and not cfg.train.compile else 1  # a compiled first step is mostly its compile
     for side in sides:  # quick: one step, no warm-up (the first step's allocations count)
-        out["steps"].append(bench_step(cfg, device, 1, (side,) * 3, 1 if quick else 3, ceiling, 0 if quick else 1))
+        out["steps"].append(bench_step(cfg, device, 1, (side,) * 3, 1 if quick else 3, ceiling, warmup))
     out.update({k: v for k, v in out["steps"][0].items() if k.startswith(("step_", "voxels_per_s"))})
     out["peak_rss_mib"] = max(s["peak_mib"] for s in out["steps"])
     out.update(bench_loader(cfg, device, 6 if quick else 16, 2 if quick else 4, case_sizes))
