@@ -6,7 +6,8 @@ import copy
 import torch
 
 from bench_machine import interleaved, peak_mib, reset_peak
-from inference import model_predictor, nonzero_box, predict_patches, sliding_window, window_starts, windows_per_pass
+from cases import brain_box
+from inference import model_predictor, predict_patches, sliding_window, window_starts, windows_per_pass
 from model import build_model
 from precision import autocast, autocast_dtype
 from transforms import zscore_brain
@@ -34,8 +35,8 @@ def count_windows(shape, window, overlap):
 
 def predicted_shape(cfg, scan):
     """The spatial shape predict_patches slides its window over: the non-zero box when cropping."""
-    box = nonzero_box(scan) if cfg.eval.crop_nonzero else None
-    return tuple(scan.shape[1:]) if box is None else tuple(b.stop - b.start for b in box)
+    box = brain_box(scan.numpy()) if cfg.eval.crop_nonzero else None
+    return tuple(scan.shape[1:]) if box is None else tuple(stop - start for start, stop in box)
 
 
 def bench_inference(cfg, device, case_shape, repeats, crop=None):

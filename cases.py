@@ -242,6 +242,20 @@ def write_case(path, image, mask=None, spacing=(1.0, 1.0, 1.0), modalities=MODAL
     return path
 
 
+def brain_box(image, mask=None):
+    """[[start, stop]] per spatial axis of the voxels non-zero in any channel (or labelled in mask)."""
+    occupied = np.any(image != 0, axis=0)
+    if mask is not None:
+        occupied |= mask != 0
+    if not occupied.any():
+        return None
+    box = []
+    for axis in range(occupied.ndim):
+        hits = np.flatnonzero(occupied.any(axis=tuple(a for a in range(occupied.ndim) if a != axis)))
+        box.append([int(hits[0]), int(hits[-1]) + 1])
+    return box
+
+
 def uncrop(array, crop_box, original_shape, fill=0):
     """Put an array cropped to `crop_box` (3 x [start, stop], last three axes) back into a zero
     (`fill`) array of `original_shape`: the inverse of the brain crop made at conversion."""

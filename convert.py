@@ -19,7 +19,7 @@ from collections import defaultdict
 import h5py
 import numpy as np
 
-from cases import MODALITIES, Case, CaseFormat, DataError, read_case
+from cases import MODALITIES, Case, CaseFormat, DataError, brain_box, read_case
 
 EXTRA_HINT = "pip install -r requirements-extra.txt"
 LGG_MODALITIES = ("pre-contrast", "flair", "post-contrast")
@@ -44,20 +44,6 @@ def require(module, purpose):
 
 
 # ---------------------------------------------------------------------------------------------- crop
-
-def brain_box(image, mask=None):
-    """[[start, stop]] per spatial axis of the voxels non-zero in any channel (or labelled in mask)."""
-    occupied = np.any(image != 0, axis=0)
-    if mask is not None:
-        occupied |= mask != 0
-    if not occupied.any():
-        return None
-    box = []
-    for axis in range(occupied.ndim):
-        hits = np.flatnonzero(occupied.any(axis=tuple(a for a in range(occupied.ndim) if a != axis)))
-        box.append([int(hits[0]), int(hits[-1]) + 1])
-    return box
-
 
 def crop_case(case, source):
     """Crop image and mask to the brain's bounding box, recording original_shape and crop_box."""

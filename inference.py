@@ -11,7 +11,10 @@ slices mode predicts each axial slice with a 2D model, eval.batch_size slices at
 import itertools
 import math
 
+import numpy as np
 import torch
+
+from cases import brain_box, uncrop
 
 from precision import autocast
 from transforms import (resample_back, resample_image, resize_image, slice_with_context, target_spacing,
@@ -135,19 +138,6 @@ def predict_case(model, image, cfg, device, amp_dtype=None, spacing=None):
     return resize_image(probs, native).clamp_(0, 1)
 
 
-def nonzero_box(image):
-    """Bounding box (a slice per spatial axis) of the voxels non-zero in any channel of (C, *spatial);
-    None when every voxel is zero."""
-    nonzero = (torch.as_tensor(image) != 0).any(0)
-    if not nonzero.any():
-        return None
-    box = []
-    for axis in range(nonzero.dim()):
-        where = torch.nonzero(nonzero.any(dim=[a for a in range(nonzero.dim()) if a != axis])).flatten()
-        box.append(slice(int(where[0]), int(where[-1]) + 1))
-    return tuple(box)
-
-
 def windows_per_pass(eval_cfg, device):
     """eval.sw_batch_size, with 0 (auto) resolved: 1 window per forward on a CPU, where a larger
     batch ran slower per window (docs/performance.md), 2 on a GPU."""
@@ -165,8 +155,8 @@ def predict_patches(model, image, cfg, device, amp_dtype, spacing):
         raise ValueError("predict_case: data.spacing is set, so the image's own spacing must be given")
     ev, target = cfg.eval, target_spacing(spacing or (), cfg.data.spacing)
     native = tuple(image.shape[1:])
-    box = nonzero_box(image) if ev.crop_nonzero else None
-    image = zscore_brain(image if box is None else image[(slice(None), *box)])
+    box = brain_box(np.asarray(image)) if ev.crop_nonzero else None  # the crop prepare_data.py makes
+    image = zscore_brain(image if box is None else image[(slice(None), *(slice(*pair) for pair in box))])
     cropped = tuple(image.shape[1:])
     if target is not None:
         image = resample_image(image, spacing, target)
@@ -176,9 +166,7 @@ def predict_patches(model, image, cfg, device, amp_dtype, spacing):
     probs = probs if target is None else resample_back(probs.cpu(), cropped)
     if box is None or cropped == native:
         return probs
-    full = torch.zeros((probs.shape[0], *native), dtype=probs.dtype, device=probs.device)
-    full[(slice(None), *box)] = probs
-    return full
+    return torch.from_numpy(uncrop(probs.cpu().numpy(), box, native))
 
 
 @torch.no_grad()
