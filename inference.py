@@ -15,7 +15,6 @@ import numpy as np
 import torch
 
 from cases import brain_box, uncrop
-
 from precision import autocast
 from transforms import (resample_back, resample_image, resize_image, slice_with_context, target_spacing,
                         zscore_brain)
@@ -166,7 +165,8 @@ def predict_patches(model, image, cfg, device, amp_dtype, spacing):
     probs = probs if target is None else resample_back(probs.cpu(), cropped)
     if box is None or cropped == native:
         return probs
-    return torch.from_numpy(uncrop(probs.cpu().numpy(), box, native))
+    # back on the device the other paths return it on (a GPU run keeps its probabilities there)
+    return torch.from_numpy(uncrop(probs.cpu().numpy(), box, native)).to(probs.device)
 
 
 @torch.no_grad()
