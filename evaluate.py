@@ -1,6 +1,6 @@
 """Evaluate a checkpoint: predict every case of a split at native resolution and score it.
 
-    python evaluate.py --checkpoint RUN/best.pt|RUN [--data.dir DIR] [--split test|val|all] [--out DIR]
+    python evaluate.py --checkpoint RUN/best.pt|RUN [--checkpoint RUN2 ...] [--data.dir DIR] [--split test|val|all] [--out DIR]
                        [--save-predictions] [--save-probabilities] [--no-overlays] [--predict]
 
 The model is rebuilt from the config stored in the checkpoint; data.* and eval.* keys can be
@@ -21,7 +21,10 @@ and affine for cases converted from NIfTI, else .h5; cases converted from the Ka
 get the dataset's own layout, <patient>/<patient>_<n>_pred.tif, 0/255; see export.py). --predict is for cases
 without labels: it only predicts and exports (use it with --split all).
 A cross-validation run folder (data.fold all) as --checkpoint evaluates the ensemble of its
-folds' best.pt on the test split no fold saw: the mean of their probabilities per case.
+folds' best.pt on the test split no fold saw: the mean of their probabilities per case. Several
+--checkpoint (e.g. runs with different train.seed) are an ensemble too, scored on the first
+run's split; it is refused when any member trained or validated on a patient of that split
+(each member's split.json is read), and it needs --out.
 Under torchrun (`torchrun --nproc_per_node=N evaluate.py ...`) case i is predicted by rank i % N
 (which also writes that case's overlay and prediction files); the per-case results are gathered
 to rank 0, which writes per_case.csv and summary.json in the single-process case order, so the
@@ -41,6 +44,7 @@ from checkpoint import CheckpointError
 from ensemble import checkpoint_files, evaluate_ensemble_case, load_members
 from export import export_case
 from overrides import split_args
+from patients import patient_id
 from postselect import settings_of
 from precision import autocast_dtype
 from reporting import format_table, write_reports
@@ -89,13 +93,32 @@ def evaluate_cases(model, paths, cfg, device, out_dir=None, save_predictions=Fal
     return results
 
 
-def split_file(checkpoint_path, files, split):
-    """The split.json naming the cases of `split`: the run's; for a fold ensemble the first fold's,
-    whose test split every fold shares (their validation cases differ, so 'val' is refused)."""
-    if len(files) > 1 and split == "val":
-        raise DataError(f"{checkpoint_path}: the folds validate on different cases; evaluate one fold's "
-                        f"best.pt for --split val")
+def split_file(files):
+    """The split.json beside the first checkpoint: it names the cases of each split (a fold
+    ensemble's first fold: every fold shares its test split)."""
     return os.path.join(os.path.dirname(os.path.abspath(files[0])), "split.json")
+
+
+def check_held_out(files, paths, split):
+    """Refuse an ensemble whose members saw the cases it is about to score: for each member the
+    split.json beside it must exist and name none of their patients among its training cases
+    (nor, when scoring the test split, its validation cases, which chose its best.pt)."""
+    scored = {patient_id(case_id_of(p)): case_id_of(p) for p in paths}
+    seen_keys = ("train", "val") if split == "test" else ("train",)
+    for path in files:
+        member_split = split_file([path])
+        if not os.path.isfile(member_split):
+            raise DataError(f"{path}: no split.json beside it, so the cases it trained on are unknown; "
+                            f"an ensemble is scored only on cases every member held out")
+        with open(member_split) as f:
+            recorded = json.load(f)
+        seen = {patient_id(c) for key in seen_keys for c in recorded.get(key, [])} & scored.keys()
+        if seen:
+            examples = sorted(scored[p] for p in seen)[:3]
+            raise DataError(f"{path}: its run trained or validated on {len(seen)} of the {split}-split patients "
+                            f"(e.g. {examples}); the folds of a cross-validation run validate on different "
+                            f"cases, so score such an ensemble on the test split, and independent runs only "
+                            f"on a split every member held out")
 
 
 def evaluate_checkpoint(checkpoint_path, split=None, out_dir=None, overrides=None, device=None,
@@ -103,17 +126,24 @@ def evaluate_checkpoint(checkpoint_path, split=None, out_dir=None, overrides=Non
     """Rebuild the model from a checkpoint, score a split (None: eval.split), write reports; returns the summary.
 
     checkpoint_path may be a run folder: its best.pt, or for a cross-validation run (data.fold all)
-    the ensemble of its fold_<i>/best.pt (mean probabilities, see ensemble.py).
+    the ensemble of its fold_<i>/best.pt (mean probabilities, see ensemble.py); or a list of
+    checkpoints or run folders: the ensemble of all, scored on the first one's split (check_held_out).
     With `predict` the cases need no labels: they are predicted and exported, not scored, and the
     summary only lists them. Under torchrun every rank calls this and scores its share of the cases;
     rank 0 writes the reports and returns the summary, the other ranks return None."""
-    files = checkpoint_files(checkpoint_path)
+    specs = [checkpoint_path] if isinstance(checkpoint_path, (str, os.PathLike)) else list(checkpoint_path)
+    if len(specs) > 1 and not out_dir:
+        raise DataError(f"{len(specs)} checkpoints: give --out, so the ensemble's reports do not overwrite "
+                        f"the first run's own")
+    files = [f for spec in specs for f in checkpoint_files(spec)]
     members = load_members(files, device, overrides)
     cfg, device = members[0].cfg, members[0].device
     split = split or cfg.eval.split
-    run_dir = checkpoint_path if os.path.isdir(checkpoint_path) else os.path.dirname(os.path.abspath(checkpoint_path))
-    paths = select_cases(cfg.data.dir, split, split_file(checkpoint_path, files, split))
-    out_dir = out_dir or run_dir
+    paths = select_cases(cfg.data.dir, split, split_file(files))
+    if len(files) > 1 and split != "all":
+        check_held_out(files, paths, split)
+    first = specs[0]
+    out_dir = out_dir or (first if os.path.isdir(first) else os.path.dirname(os.path.abspath(first)))
     rank, world = distributed.rank(), distributed.world_size()
     mine = evaluate_cases(members[0].model, paths[rank::world], cfg, device, out_dir, save_predictions or predict,
                           overlays, labelled=not predict, members=members if len(members) > 1 else None)
@@ -126,7 +156,8 @@ def evaluate_checkpoint(checkpoint_path, split=None, out_dir=None, overrides=Non
         log.info("wrote predictions of %d cases to %s", len(results), os.path.join(out_dir, "predictions"))
         return {"split": split, "cases": len(results), "predicted": [cid for cid, _ in results],
                 "predictions_dir": os.path.join(out_dir, "predictions")}
-    about = {"checkpoint": os.path.abspath(checkpoint_path), "data_dir": os.path.abspath(cfg.data.dir),
+    about = {"checkpoint": os.path.abspath(specs[0]) if len(specs) == 1 else [os.path.abspath(c) for c in specs],
+             "data_dir": os.path.abspath(cfg.data.dir),
              "task": cfg.data.task}
     if len(files) > 1:
         about["ensemble"] = [os.path.abspath(f) for f in files]
@@ -139,8 +170,9 @@ def evaluate_checkpoint(checkpoint_path, split=None, out_dir=None, overrides=Non
 def main(argv=None):
     pairs, rest = split_args(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True,
-                        help="best.pt or last.pt, or a run folder (its best.pt; with fold_<i> folders their ensemble)")
+    parser.add_argument("-c", "--checkpoint", action="append", required=True,
+                        help="best.pt or last.pt, or a run folder (its best.pt; with fold_<i> folders their ensemble); "
+                             "given several times, the ensemble of all (with --out)")
     parser.add_argument("--split", default=None, choices=["test", "val", "all"],
                         help="cases to evaluate (default: the config's eval.split, test unless changed)")
     parser.add_argument("--out", default=None, help="folder for per_case.csv, summary.json, overlays/, predictions/")

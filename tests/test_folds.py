@@ -53,8 +53,28 @@ def test_three_folds_train_on_disjoint_patients_and_their_ensemble_evaluates(tmp
     assert len(summary["ensemble"]) == 3 and 0 <= summary["regions"]["WT"]["dice"] <= 1
     evaluate.main(["--checkpoint", str(run_dir), "--out", str(tmp_path / "again"), "--no-overlays"])
     assert read_json(tmp_path / "again", "summary.json")["regions"] == summary["regions"]
-    with pytest.raises(SystemExit, match="the folds validate on different cases"):
+    with pytest.raises(SystemExit, match="trained or validated on .* of the val-split patients"):
         evaluate.main(["--checkpoint", str(run_dir), "--split", "val", "--out", str(tmp_path / "val")])
+
+
+def test_independent_runs_evaluate_as_one_ensemble_only_on_cases_all_held_out(tmp_path):
+    data = write_patients(tmp_path / "data")
+    runs = tmp_path / "runs"
+    for name, extra in [("s0", []), ("s1", ["--train.seed", "1"]), ("other", ["--data.split_seed", "5"])]:
+        main.main(["--data.dir", data, "--train.out_dir", str(runs), "--train.name", name, *TINY, *extra])
+    pair = ["--checkpoint", str(runs / "s0"), "--checkpoint", str(runs / "s1" / "best.pt")]
+    evaluate.main([*pair, "--out", str(tmp_path / "ens"), "--no-overlays"])
+    summary = read_json(tmp_path / "ens", "summary.json")
+    assert summary["cases"] == len(read_json(runs, "s0", "split.json")["test"])
+    assert len(summary["ensemble"]) == 2 and len(summary["checkpoint"]) == 2
+    assert read_json(runs, "s0", "summary.json")["checkpoint"].endswith("best.pt")  # the run's own report untouched
+    with pytest.raises(SystemExit, match="give --out"):
+        evaluate.main(pair)
+    # another split seed put some of s0's test patients into its training or validation
+    other = read_json(runs, "other", "split.json")
+    assert {patient_id(c) for c in other["train"] + other["val"]} & {patient_id(c) for c in read_json(runs, "s0", "split.json")["test"]}
+    with pytest.raises(SystemExit, match="other/best.pt: its run trained or validated on"):
+        evaluate.main(["--checkpoint", str(runs / "s0"), "--checkpoint", str(runs / "other"), "--out", str(tmp_path / "x")])
 
 
 def test_one_fold_trains_alone_in_a_normal_run_folder(tmp_path):
