@@ -93,20 +93,20 @@ def evaluate_cases(model, paths, cfg, device, out_dir=None, save_predictions=Fal
     return results
 
 
-def split_file(files):
-    """The split.json beside the first checkpoint: it names the cases of each split (a fold
-    ensemble's first fold: every fold shares its test split)."""
-    return os.path.join(os.path.dirname(os.path.abspath(files[0])), "split.json")
+def split_file(checkpoint_file):
+    """The split.json beside a checkpoint: it names the cases of each split of its run (for a
+    fold ensemble, read beside the first fold: every fold shares its test split)."""
+    return os.path.join(os.path.dirname(os.path.abspath(checkpoint_file)), "split.json")
 
 
 def check_held_out(files, paths, split):
     """Refuse an ensemble whose members saw the cases it is about to score: for each member the
     split.json beside it must exist and name none of their patients among its training cases
     (nor, when scoring the test split, its validation cases, which chose its best.pt)."""
-    scored = {patient_id(case_id_of(p)): case_id_of(p) for p in paths}
+    scored = {patient_id(case_id): case_id for case_id in map(case_id_of, paths)}
     seen_keys = ("train", "val") if split == "test" else ("train",)
     for path in files:
-        member_split = split_file([path])
+        member_split = split_file(path)
         if not os.path.isfile(member_split):
             raise DataError(f"{path}: no split.json beside it, so the cases it trained on are unknown; "
                             f"an ensemble is scored only on cases every member held out")
@@ -139,7 +139,7 @@ def evaluate_checkpoint(checkpoint_path, split=None, out_dir=None, overrides=Non
     members = load_members(files, device, overrides)
     cfg, device = members[0].cfg, members[0].device
     split = split or cfg.eval.split
-    paths = select_cases(cfg.data.dir, split, split_file(files))
+    paths = select_cases(cfg.data.dir, split, split_file(files[0]))
     if len(files) > 1 and split != "all":
         check_held_out(files, paths, split)
     first = specs[0]
