@@ -5,12 +5,13 @@
 
 Prints a table and writes bench.json (step_frac_of_ceiling: share of the ceiling of the step's own
 precision; docs/performance.md lists the keys). --profile prints instead where the step's time
-goes, by operator kind (bench_profile.py). Every figure is a median over repeats after warm-up; where
+goes, by operator kind (benchmarks/profiling.py). Every figure is a median over repeats after warm-up; where
 two things are compared (ours and MONAI, a fast path on and off) they run interleaved, A B A B,
 so a shared machine's load drifts over both alike. Config overrides (e.g. --train.precision fp32)
 choose what "ours" runs, exactly as main.py would train it.
 `python bench.py --accuracy --data.dir DIR --train.max_minutes 25` measures accuracy instead:
-recipes trained for the same budget and scored on held-out real cases (accuracy.py).
+recipes trained for the same budget and scored on held-out real cases (benchmarks/accuracy.py).
+`python bench.py --2d --preset lgg2d --data.dir DIR` times a 2D epoch's parts instead (benchmarks/bench2d.py).
 """
 import argparse
 import copy
@@ -20,26 +21,33 @@ import time
 
 import torch
 
-from bench_machine import (allocator_settings, bf16_supported, ceiling_fractions, ceilings, interleaved, peak_mib,
-                           reset_peak)
-from bench_profile import format_profile, labelled_loss, profile_steps
+from benchmarks.inference import bench_inference, compare_monai_inference
+from benchmarks.profiling import format_profile, labelled_loss, profile_steps
+from benchmarks.timing import (
+    allocator_settings,
+    bf16_supported,
+    ceiling_fractions,
+    ceilings,
+    interleaved,
+    peak_mib,
+    reset_peak,
+)
 from config import build_config, check
 from dataset import build_dataset
-from bench_infer import bench_inference, compare_monai_inference
-from loaders import loader_workers, make_loader
 from losses import DiceBCELoss
 from model import build_model
 from overrides import split_args
-from precision import autocast_dtype, prepare_model, resolve_device
-from step import make_run, train_step
-
+from runtime.device import prepare_model, resolve_device
+from runtime.precision import autocast_dtype
+from training.loaders import loader_workers, make_loader
+from training.step import make_run, train_step
 
 # --- the training step ------------------------------------------------------------------------------------
 
 def make_step(cfg, model, batch, device, label_loss=False):
     """The training step itself (step.train_step: autocast, loss, backward, unscale, clipping, NaN
     guard, Adam step) on a fixed batch, with the optimizer and precision `cfg` gives a run.
-    label_loss: the loss's forward under a profiler label (bench_profile)."""
+    label_loss: the loss's forward under a profiler label (benchmarks/profiling.py)."""
     loss = DiceBCELoss(cfg.train.dice_weight, cfg.train.bce_weight)
     run = make_run(cfg, model, labelled_loss(loss) if label_loss else loss, device)
     return lambda: train_step(run, batch)
@@ -63,7 +71,7 @@ def step_flops(model, batch):
 
 
 def bench_step(cfg, device, batch_size, size, repeats, ceiling, warmup=1):
-    """Seconds, FLOPs, GFLOP/s and its share of the ceilings (bench_machine.ceiling_fractions),
+    """Seconds, FLOPs, GFLOP/s and its share of the ceilings (benchmarks.timing.ceiling_fractions),
     voxels/s and peak memory of our step."""
     mc, tc = cfg.model, cfg.train
     model = build_model(mc).to(device)
@@ -84,7 +92,7 @@ def bench_step(cfg, device, batch_size, size, repeats, ceiling, warmup=1):
 
 def bench_loader(cfg, device, n_cases, epochs, case_sizes=(72, 104)):
     """Training samples per second of the configured loader alone (default workers), warm cache."""
-    from synthetic import generate_dataset
+    from cases.synthetic import generate_dataset
     with tempfile.TemporaryDirectory() as folder:
         paths = generate_dataset(folder, n_cases, seed=0, min_size=case_sizes[0], max_size=case_sizes[1])
         train_set = build_dataset(cfg.data, paths, True)
@@ -116,7 +124,7 @@ def monai_dynunet(mc):
 
 def compare_monai(cfg, device, batch_size, size, case_shape, repeats):
     """Our step against DynUNet's and our prediction against MONAI's sliding_window_inference
-    (bench_infer.compare_monai_inference), interleaved; the ratios are our time over theirs (below
+    (benchmarks.inference.compare_monai_inference), interleaved; the ratios are our time over theirs (below
     1: we are faster)."""
     mc = cfg.model
     batch = random_batch(batch_size, mc.in_channels, size, mc.out_channels, device)
@@ -129,7 +137,7 @@ def compare_monai(cfg, device, batch_size, size, case_shape, repeats):
             **compare_monai_inference(cfg, device, case_shape, repeats)}
 
 
-# --- the profile (bench_profile) -------------------------------------------------------------------------
+# --- the profile (benchmarks/profiling.py) ------------------------------------------------------------------------
 
 PROFILE_SIDES = {False: (64, 96, 128), True: (32, 48, 64)}  # --profile, --profile --quick
 
@@ -140,7 +148,7 @@ def profile_dtypes(device):
 
 
 def profiled_step(device):
-    """make_step(cfg, side, amp_dtype) for bench_profile: the real step, batch 1, loss labelled."""
+    """make_step(cfg, side, amp_dtype) for benchmarks.profiling: the real step, batch 1, loss labelled."""
     def make(cfg, side, amp_dtype):
         cfg = copy.deepcopy(cfg)
         cfg.train.precision = "bf16" if amp_dtype == torch.bfloat16 else "fp32"
@@ -213,9 +221,12 @@ def format_table(out):
 def main(argv=None):
     import sys
     argv = sys.argv[1:] if argv is None else argv
-    if "--accuracy" in argv:  # trains and evaluates recipes: a benchmark of its own, accuracy.py
-        import accuracy
+    if "--accuracy" in argv:  # trains and evaluates recipes: a benchmark of its own, benchmarks/accuracy.py
+        from benchmarks import accuracy
         return accuracy.main([arg for arg in argv if arg != "--accuracy"])
+    if "--2d" in argv:  # where a 2D epoch's time goes, on real cases: benchmarks/bench2d.py
+        from benchmarks import bench2d
+        return bench2d.main([arg for arg in argv if arg != "--2d"])
     pairs, rest = split_args(argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer repeats, inference timed on a crop (< 3 min on 2 cores)")
@@ -223,11 +234,13 @@ def main(argv=None):
     parser.add_argument("--compare-monai", action="store_true", help="time MONAI's DynUNet and sliding window too")
     parser.add_argument("--case-shape", default="240,240,155", help="whole case for inference (D,H,W)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    parser.add_argument("--profile", action="store_true", help="operator-kind shares of the step (bench_profile)")
+    parser.add_argument("--profile", action="store_true", help="operator-kind shares of the step (benchmarks/profiling.py)")
     parser.add_argument("--out", default="bench.json")
+    parser.add_argument("--2d", action="store_true", dest="slices_2d",
+                        help="time a 2D epoch's parts on real cases instead (benchmarks/bench2d.py; see --2d --help)")
     parser.add_argument("--accuracy", action="store_true",
                         help="measure accuracy instead: train recipes for --train.max_minutes and score held-out "
-                             "cases (accuracy.py; its flags: --recipe, --folds, --work, --out; see --accuracy --help)")
+                             "cases (benchmarks/accuracy.py; its flags: --recipe, --folds, --work, --out; see --accuracy --help)")
     args = parser.parse_args(rest)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -18,10 +18,22 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from cases import (DataError, as_labels, brain_stats, case_format, case_id_of, get_dataset, image_layout,
-                   open_case, read_box, read_case)
-from transforms import (augment, labels_to_regions, resample_image, resample_labels, resize_image, resize_labels,
-                        slice_with_context, target_spacing, task_regions, zscore, zscore_brain)
+from cases.h5 import (
+    DataError,
+    as_labels,
+    case_format,
+    case_id_of,
+    get_dataset,
+    image_layout,
+    open_case,
+    read_box,
+    read_case,
+)
+from transforms.augment import augment
+from transforms.context import slice_with_context
+from transforms.normalise import brain_stats, zscore, zscore_brain
+from transforms.regions import labels_to_regions, task_regions
+from transforms.resample import resample_image, resample_labels, resize_image, resize_labels, target_spacing
 
 log = logging.getLogger(__name__)
 

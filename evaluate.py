@@ -38,19 +38,19 @@ import sys
 
 from tqdm import tqdm
 
-import distributed
-from cases import DataError, case_format, case_id_of, read_case
-from checkpoint import CheckpointError
-from ensemble import checkpoint_files, evaluate_ensemble_case, load_members
-from export import export_case
+from cases.h5 import DataError, case_format, case_id_of, read_case
+from cases.patients import patient_id
+from cases.splits import list_cases
+from evaluation.checkpoints import checkpoint_files, load_members
+from evaluation.ensemble import evaluate_case, evaluate_ensemble_case
+from evaluation.export import export_case
+from evaluation.postselect import settings_of
+from evaluation.reports import format_table, write_reports
 from overrides import split_args
-from patients import patient_id
-from postselect import settings_of
-from precision import autocast_dtype
-from reporting import format_table, write_reports
-from scoring import evaluate_case
-from splits import list_cases
-from transforms import task_regions
+from runtime import distributed
+from runtime.checkpoint import CheckpointError
+from runtime.precision import autocast_dtype
+from transforms.regions import task_regions
 
 log = logging.getLogger(__name__)
 

@@ -23,25 +23,28 @@ import time
 import numpy as np
 import torch
 
-import distributed
-from atomic import atomic_path, write_json
-from cases import DataError, case_format, case_id_of
-from checkpoint import CheckpointError, load_resumable
+from cases.h5 import DataError, case_format, case_id_of
+from cases.splits import PARTS, describe_grouping, list_cases, make_split, validate_cases
 from config import RESUME_SAFE_KEYS, Config, apply_dict, build_config, check, diff_keys, from_dict, to_dict
 from dataset import build_dataset
 from evaluate import evaluate_checkpoint
-from fingerprint import BATCH_SIZE, fingerprint, measure_speed
-from guards import TrainingStopped
+from evaluation.postselect import choose_for_checkpoint
+from evaluation.reports import format_table
 from losses import DiceBCELoss
 from model import build_model
 from overrides import explicit_keys, get_key, split_args
-from plan import plan_recipe
-from postselect import choose_for_checkpoint
-from precision import autocast_dtype, prepare_model, resolve_device
-from reporting import format_plan, format_table, write_plan
-from splits import PARTS, describe_grouping, list_cases, make_split, validate_cases
-from step import make_run
+from planning.fingerprint import fingerprint
+from planning.plan import plan_recipe
+from planning.report import format_plan, write_plan
+from planning.speed import BATCH_SIZE, measure_speed
+from runtime import distributed
+from runtime.atomic import atomic_path, write_json
+from runtime.checkpoint import CheckpointError, load_resumable
+from runtime.device import prepare_model, resolve_device
+from runtime.precision import autocast_dtype
 from train import fit
+from training.guards import TrainingStopped
+from training.step import make_run
 
 log = logging.getLogger("main")
 
@@ -67,7 +70,7 @@ def ensure_data(data_cfg):
     """The case files; generates the synthetic set when the default folder holds none."""
     has_cases = os.path.isdir(data_cfg.dir) and any(f.endswith(".h5") for f in os.listdir(data_cfg.dir))
     if not has_cases and data_cfg.dir == Config().data.dir and distributed.is_main():
-        from synthetic import generate_dataset
+        from cases.synthetic import generate_dataset
         log.info("no data in %s: generating %d synthetic BraTS-like cases there", data_cfg.dir,
                  data_cfg.synthetic_cases)
         generate_dataset(data_cfg.dir, data_cfg.synthetic_cases, seed=data_cfg.split_seed)

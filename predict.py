@@ -26,16 +26,17 @@ import sys
 
 from tqdm import tqdm
 
-import distributed
-import nifti
-from cases import DataError, case_format, case_id_of, read_case
-from checkpoint import CheckpointError
-from convert import require
-from ensemble import load_members, predict_probabilities
-from export import flair_channel, save_label_map, save_overlay
+from cases.h5 import DataError, case_format, case_id_of, read_case
+from conversion import nifti
+from conversion.layouts import require
+from evaluation.checkpoints import load_members
+from evaluation.ensemble import predict_probabilities
+from evaluation.export import flair_channel, save_label_map, save_overlay
+from evaluation.postprocess import label_map_regions, to_label_map
 from overrides import split_args
-from postprocess import label_map_regions, to_label_map
-from transforms import task_regions
+from runtime import distributed
+from runtime.checkpoint import CheckpointError
+from transforms.regions import task_regions
 
 log = logging.getLogger("predict")
 # the enhancing-tumour label written back, by the naming of the input files (cases.py: label_convention)

@@ -17,9 +17,9 @@ import sys
 
 from tqdm import tqdm
 
-import convert
-import nifti
-from cases import CaseFormat, DataError, parse_label_map, write_case
+from cases.h5 import CaseFormat, DataError, parse_label_map, write_case
+from conversion import layouts as convert
+from conversion import nifti
 
 log = logging.getLogger("prepare_data")
 
@@ -96,7 +96,7 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         if args.command == "synthetic":
-            from synthetic import generate_dataset
+            from cases.synthetic import generate_dataset
             paths = generate_dataset(args.out, args.cases, seed=args.seed)
             print(f"wrote {len(paths)} synthetic cases to {args.out}")
             return

@@ -27,17 +27,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import distributed
-from atomic import write_json
-from checkpoint import restore_rng_states, rng_states, save_checkpoint, save_last, unwrap
+from cases.cache import CaseCache
+from cases.h5 import case_format
 from config import to_dict
-from cases import case_format
-from guards import GracefulStop
-from loaders import loader_workers, make_loader
-from reporting import write_history
-from scoring import CaseCache, evaluate_case
-from step import train_step
-from transforms import task_regions
+from evaluation.ensemble import evaluate_case
+from runtime import distributed
+from runtime.atomic import write_json
+from runtime.checkpoint import restore_rng_states, rng_states, save_checkpoint, save_last, unwrap
+from training.guards import GracefulStop
+from training.history import write_history
+from training.loaders import loader_workers, make_loader
+from training.step import train_step
+from transforms.regions import task_regions
 
 log = logging.getLogger(__name__)
 VAL_SHARE = 0.10  # refit_steps keeps validation to this share of the time left (plan.VAL_SHARE of the budget)

@@ -9,7 +9,7 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from cases import Case, write_case  # noqa: E402
+from cases.h5 import Case, write_case  # noqa: E402
 
 
 def blob_case(rng, shape, with_enhancing=True):

@@ -1,7 +1,6 @@
 """Test fixture: where the shared real BraTS cases are, and their conversion with prepare_data.py."""
 import os
 
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BRATS_SAMPLE = os.path.join(ROOT, "..", "shared", "data", "brats18-sample")
 SKIP_REASON = f"real BraTS sample not found at {BRATS_SAMPLE} (see shared/data/README.md)"

@@ -4,10 +4,10 @@ import os
 
 import pytest
 
-import accuracy
 import bench
-from cases import case_id_of
-from splits import list_cases
+from benchmarks import accuracy
+from cases.h5 import case_id_of
+from cases.splits import list_cases
 
 SCANS = ["BraTS-GLI-00001-000", "BraTS-GLI-00001-001", "BraTS-GLI-00002-000", "BraTS-GLI-00003-000",
          "BraTS-GLI-00004-000", "BraTS-GLI-00005-000", "BraTS-GLI-00005-001", "BraTS-GLI-00006-000"]

@@ -4,7 +4,7 @@ import stat
 
 import pytest
 
-from atomic import atomic_path, write_text
+from runtime.atomic import atomic_path, write_text
 
 
 def test_a_written_file_gets_the_mode_a_plain_open_would_give(tmp_path):

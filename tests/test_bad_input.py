@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from conftest import ROOT, write_blob_dataset
-from layout_fixtures import one_hot, write_kaggle_volume, write_lgg_patient, write_nifti_case
+from layout_fixtures import write_kaggle_volume, write_lgg_patient, write_nifti_case
 
 pytest.importorskip("nibabel", reason="NIfTI tests need nibabel: pip install -r requirements-extra.txt")
 pytest.importorskip("tifffile", reason="TIFF tests need tifffile: pip install -r requirements-extra.txt")

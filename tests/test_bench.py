@@ -6,12 +6,12 @@ import pytest
 import torch
 
 import bench
-import bench_machine
-import bench_profile
+from benchmarks import profiling as bench_profile
+from benchmarks import timing as bench_machine
 from config import Config, ModelConfig
-from inference import model_predictor, sliding_window
+from evaluation.inference import model_predictor, sliding_window
 from model import InstanceNorm, UNet
-from precision import prepare_model
+from runtime.device import prepare_model
 
 CPU = torch.device("cpu")
 
@@ -97,7 +97,7 @@ def test_monai_comparison_runs_when_monai_is_installed():
 
 
 def test_the_bench_scan_is_a_brain_in_zeros_whose_box_is_what_is_predicted():
-    import bench_infer
+    from benchmarks import inference as bench_infer
     scan = bench_infer.bench_scan(4, (240, 240, 155))
     cfg = tiny_cfg()
     box = bench_infer.predicted_shape(cfg, scan)

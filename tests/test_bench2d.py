@@ -1,7 +1,7 @@
 """bench2d: the parts of a 2D epoch are timed on a real training set and add up to the epoch."""
 import pytest
 
-from bench2d import format_timing, time_2d_epoch
+from benchmarks.bench2d import format_timing, time_2d_epoch
 from config import build_config, check
 from layout_fixtures import write_lgg_patient
 from prepare_data import main as prepare_main

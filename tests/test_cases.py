@@ -4,8 +4,9 @@ import h5py
 import numpy as np
 import pytest
 
-from cases import (DataError, brain_stats, case_format, image_layout, read_box, read_case, write_case)
+from cases.h5 import DataError, case_format, image_layout, read_box, read_case, write_case
 from config import DataConfig
+from transforms.normalise import brain_stats
 
 
 def data_cfg(**changes):

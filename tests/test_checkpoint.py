@@ -7,13 +7,13 @@ import sys
 import pytest
 import torch
 
-from checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from config import Config
 from conftest import ROOT
 from losses import DiceBCELoss
 from model import UNet
-from step import make_run, train_step
+from runtime.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from train import checkpoint_state, restore_state
+from training.step import make_run, train_step
 
 ENV = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
 CHECKPOINT_KEYS = {"model", "optimizer", "scheduler", "scaler", "early_stopping", "epoch", "best_score", "config",

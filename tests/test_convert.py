@@ -5,15 +5,21 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import ROOT
-from layout_fixtures import (AFFINE, CHANNEL_BASE, write_generic_h5, write_kaggle_volume, write_lgg_patient,
-                             write_nifti_case)
-
-import convert  # noqa: E402
-import nifti  # noqa: E402
 import main  # noqa: E402
 import prepare_data  # noqa: E402
-from cases import CaseFormat, read_case, to_original_grid  # noqa: E402
+from cases.geometry import to_original_grid
+from cases.h5 import CaseFormat, read_case  # noqa: E402
+from conftest import ROOT
+from conversion import layouts as convert  # noqa: E402
+from conversion import nifti  # noqa: E402
+from layout_fixtures import (
+    AFFINE,
+    CHANNEL_BASE,
+    write_generic_h5,
+    write_kaggle_volume,
+    write_lgg_patient,
+    write_nifti_case,
+)
 
 nib = pytest.importorskip("nibabel", reason="NIfTI tests need nibabel: pip install -r requirements-extra.txt")
 pytest.importorskip("tifffile", reason="TIFF tests need tifffile: pip install -r requirements-extra.txt")

@@ -5,11 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from cases import write_case
+from cases.h5 import write_case
+from cases.splits import list_cases
 from config import DataConfig
-from dataset import (CaseDataset, PatchDataset, ResizeDataset, SliceDataset, build_dataset, patch_start)
-from splits import list_cases
-from transforms import zscore_brain
+from dataset import CaseDataset, PatchDataset, ResizeDataset, SliceDataset, build_dataset, patch_start
+from transforms.normalise import zscore_brain
 
 
 def data_cfg(**changes):
@@ -170,7 +170,7 @@ def test_slices_train_on_tumour_slices_and_validate_on_every_slice_in_order(tiny
 
 def test_patches_at_a_coarser_spacing_come_from_the_case_resampled_once(tmp_path):
     from conftest import blob_case
-    from transforms import resampled_shape
+    from transforms.resample import resampled_shape
     image, mask = blob_case(np.random.default_rng(0), (20, 24, 22))
     path = write_case(str(tmp_path / "c.h5"), image, mask, spacing=(1.0, 1.0, 2.0))
     cfg = DataConfig(mode="patch", patch_size=(8, 8, 8), spacing=(2.0, 2.0, 2.0), augment=False)

@@ -14,10 +14,10 @@ import sys
 import pytest
 import torch.distributed
 
-from checkpoint import load_checkpoint, load_weights
 from config import from_dict
 from conftest import ROOT, write_blob_dataset
 from model import build_model
+from runtime.checkpoint import load_checkpoint, load_weights
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available(),
                                 reason="this PyTorch build has no torch.distributed")

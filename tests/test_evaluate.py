@@ -6,16 +6,15 @@ import json
 
 import h5py
 import numpy as np
-import pytest
 import torch
 
 from config import Config
 from conftest import SHAPE, TumourDetector, bright_case
-from export import export_case
-from lesions import LESION_KEYS
-from reporting import format_table, write_reports
-from scoring import evaluate_case
-from transforms import labels_to_regions
+from evaluation.ensemble import evaluate_case
+from evaluation.export import export_case
+from evaluation.lesions import LESION_KEYS
+from evaluation.reports import format_table, write_reports
+from transforms.regions import labels_to_regions
 
 CPU = torch.device("cpu")
 

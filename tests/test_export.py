@@ -8,12 +8,12 @@ import os
 import h5py
 import numpy as np
 import pytest
-import torch
 
 import real_brats
-from cases import DataError, read_case, to_original_grid, uncrop, write_case
-from export import export_case, largest_tumour_slice, save_label_map
-from transforms import labels_to_regions
+from cases.geometry import to_original_grid, uncrop
+from cases.h5 import DataError, read_case, write_case
+from evaluation.export import export_case, largest_tumour_slice, save_label_map
+from transforms.regions import labels_to_regions
 
 nib = pytest.importorskip("nibabel")
 
@@ -45,8 +45,8 @@ def test_uncrop_and_orientation_invert_the_conversion(tmp_path):
 
 
 def test_scores_count_the_cropped_background_as_true_negatives(tmp_path):
-    from scoring import scoring_grid
-    from metrics import confusion
+    from evaluation.metrics import confusion
+    from evaluation.scoring import scoring_grid
 
     case, source = nifti_like_case(tmp_path, np.eye(4))
     regions = labels_to_regions(case.mask).numpy() > 0.5

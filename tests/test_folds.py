@@ -8,10 +8,10 @@ import pytest
 
 import evaluate
 import main
-from cases import write_case
+from cases.h5 import write_case
+from cases.patients import patient_id
 from config import build_config, check
 from conftest import blob_case
-from patients import patient_id
 
 TINY = ["--data.image_size", "16", "--model.base_channels", "4", "--model.depth", "2", "--train.epochs", "1",
         "--data.num_workers", "0", "--train.batch_size", "2", "--data.test_fraction", "0.15"]

@@ -4,9 +4,8 @@ import pytest
 import torch
 
 from config import Config
-from inference import gaussian_weights, predict_case, sliding_window, window_starts
+from evaluation.inference import gaussian_weights, predict_case, sliding_window, window_starts
 from model import UNet
-
 
 
 def doubling(batch):
@@ -173,7 +172,7 @@ def test_an_empty_scan_is_predicted_whole():
 
 
 def test_windows_per_pass_auto_is_one_on_a_cpu_and_explicit_values_win():
-    from inference import windows_per_pass
+    from evaluation.inference import windows_per_pass
     cfg = Config()
     assert windows_per_pass(cfg.eval, "cpu") == 1 and windows_per_pass(cfg.eval, "cuda") == 2
     cfg.eval.sw_batch_size = 4

@@ -4,10 +4,10 @@ import os
 import numpy as np
 import pytest
 
-from lesions import LESION_KEYS, MAX_HD95, case_lesion_scores, lesion_scores
-from metrics import hd95, score_case
+from evaluation.lesions import LESION_KEYS, MAX_HD95, case_lesion_scores, lesion_scores
+from evaluation.metrics import hd95, score_case
 from real_brats import SKIP_REASON, sample_cases, source_seg_path
-from transforms import labels_to_regions
+from transforms.regions import labels_to_regions
 
 SHAPE = (21, 23, 25)
 

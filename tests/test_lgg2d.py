@@ -8,17 +8,17 @@ import numpy as np
 import pytest
 import torch
 
+from cases.splits import list_cases
 from config import build_config, check
 from conftest import ROOT
 from dataset import SliceDataset, build_dataset, pick_slice
 from evaluate import evaluate_checkpoint, format_table
-from inference import predict_slices
+from evaluation.inference import predict_slices
+from evaluation.metrics import pool_slice_scores, slice_scores
+from evaluation.postprocess import label_map_regions
 from layout_fixtures import write_lgg_patient
 from main import run
-from metrics import pool_slice_scores, slice_scores
-from postprocess import label_map_regions
 from prepare_data import main as prepare_main
-from splits import list_cases
 
 REAL_LGG = os.path.join(ROOT, "..", "shared", "data", "lgg-sample", "kaggle_3m")
 PATIENTS = [f"TCGA_XX_{i:04d}_2000010{i}" for i in range(5)]
@@ -166,7 +166,7 @@ def test_predict_slices_returns_native_size():
     probs = predict_slices(predictor, image, (16, 16), batch_size=2)
     assert probs.shape == (1, 5, 40, 24) and 0 <= probs.min() and probs.max() <= 1
     same = predict_slices(predictor, image, (40, 24), batch_size=3)
-    from transforms import zscore_brain
+    from transforms.normalise import zscore_brain
     assert torch.equal(same[0] > 0.5, zscore_brain(image)[0] > 0)
 
 

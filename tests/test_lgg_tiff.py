@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 import torch
 
-from cases import case_format, read_case
-from checkpoint import save_checkpoint
+from cases.h5 import case_format, read_case
+from cases.splits import list_cases
 from config import build_config, check, to_dict
 from conftest import ROOT, write_blob_dataset
 from evaluate import evaluate_checkpoint
-from export import export_case
-from inference import predict_slices
+from evaluation.export import export_case
+from evaluation.inference import predict_slices
 from layout_fixtures import write_lgg_patient
 from model import build_model
 from prepare_data import main as prepare_main
-from splits import list_cases
+from runtime.checkpoint import save_checkpoint
 
 tifffile = pytest.importorskip("tifffile")
 REAL_LGG = os.path.join(ROOT, "..", "shared", "data", "lgg-sample", "kaggle_3m")

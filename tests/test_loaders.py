@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from loaders import epoch_order, loader_workers, make_loader, shard_order
+from training.loaders import epoch_order, loader_workers, make_loader, shard_order
 
 
 class Numbers(torch.utils.data.Dataset):

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from metrics import EMPTY_HD95, confusion, hd95, score_case, scores_from_counts, summarise
+from evaluation.metrics import EMPTY_HD95, confusion, hd95, score_case, scores_from_counts, summarise
 
 
 def cube(shape, lo, size):

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from metrics import EMPTY_HD95, hd95, score_case
+from evaluation.metrics import EMPTY_HD95, hd95, score_case
 
 
 def cube(shape, corner, size):

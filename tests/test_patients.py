@@ -1,7 +1,7 @@
 """Patient IDs from case names: two scans of one BraTS 2023 patient form one group."""
 import pytest
 
-from patients import group_by_patient, patient_id
+from cases.patients import group_by_patient, patient_id
 
 
 @pytest.mark.parametrize("case_id, patient", [

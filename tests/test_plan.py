@@ -7,13 +7,13 @@ import os
 import numpy as np
 import pytest
 
-import fingerprint
-import plan
-import reporting
-from cases import CaseFormat, write_case
+from cases.h5 import CaseFormat, write_case
 from config import ModelConfig
 from conftest import blob_case
-from transforms import REGIONS, labels_to_regions, resampled_shape
+from planning import fingerprint, plan, report
+from planning.speed import fit_line, measure_speed
+from transforms.regions import REGIONS, labels_to_regions
+from transforms.resample import resampled_shape
 
 BUDGETS = [0.5 * 1.25 ** i for i in range(40)]  # 0.5 min to ~2 days
 
@@ -150,7 +150,7 @@ def test_the_same_data_budget_and_speed_give_the_same_plan():
 def test_no_budget_changes_nothing(budget):
     p = plan.plan_recipe(FINGERPRINTS["brats 1 mm"], budget, SPEEDS["cpu"], {"data.patch_size": 64})
     assert p["values"] == {} and "plain defaults" in p["why"]["plan"]
-    assert "nothing planned" in reporting.format_plan(p)
+    assert "nothing planned" in report.format_plan(p)
 
 
 def test_validation_takes_at_most_its_share_of_the_budget():
@@ -167,9 +167,9 @@ def test_validation_takes_at_most_its_share_of_the_budget():
 
 def test_format_and_write_plan(tmp_path):
     p = plan.plan_recipe(FINGERPRINTS["brats 1 mm"], 25, SPEEDS["cpu"], {})
-    text = reporting.format_plan(p)
+    text = report.format_plan(p)
     assert all(key in text for key in p["values"]) and len(text.splitlines()) == len(p["values"]) + 1
-    path = reporting.write_plan(str(tmp_path), p)
+    path = report.write_plan(str(tmp_path), p)
     assert path == os.path.join(str(tmp_path), "plan.json")
     with open(path) as f:
         assert json.load(f) == json.loads(json.dumps(p))
@@ -177,10 +177,10 @@ def test_format_and_write_plan(tmp_path):
 
 
 def test_fit_line_recovers_a_line_and_stays_positive():
-    assert fingerprint.fit_line([1, 2, 3], [1.5, 2.5, 3.5]) == pytest.approx((0.5, 1.0))
-    intercept, slope = fingerprint.fit_line([1, 2, 3], [3.0, 2.0, 2.5])  # noise: a negative slope
+    assert fit_line([1, 2, 3], [1.5, 2.5, 3.5]) == pytest.approx((0.5, 1.0))
+    intercept, slope = fit_line([1, 2, 3], [3.0, 2.0, 2.5])  # noise: a negative slope
     assert intercept == 0 and slope > 0
-    assert fingerprint.fit_line([8], [2.0]) == (0.0, 0.25)
+    assert fit_line([8], [2.0]) == (0.0, 0.25)
 
 
 # ----------------------------------------------------------------------------- real files and torch
@@ -202,7 +202,7 @@ def test_fingerprint_of_three_tiny_cases(tmp_path):
     assert fp["n_cases"] == 3
     assert fp["median_shape"] == [20, 24, 22] and fp["median_spacing"] == [1.0, 1.0, 1.0]
     assert fp["cases_without_region"] == {"WT": 0, "TC": 0, "ET": 1}
-    from cases import read_case
+    from cases.h5 import read_case
     cases = [read_case(p) for p in paths]
     counts = [labels_to_regions(c.mask).sum((1, 2, 3)).tolist() for c in cases]
     assert fp["median_region_voxels"] == {r: float(np.median([c[i] for c in counts])) for i, r in enumerate(REGIONS)}
@@ -226,7 +226,7 @@ def test_fingerprint_names_a_bad_file(tmp_path):
 
 def test_measure_speed_gives_a_table_the_planner_reads():
     model_cfg = ModelConfig(base_channels=4, depth=2)
-    speed = fingerprint.measure_speed(model_cfg, "cpu", sizes=((16, 16, 16), (8, 16, 16)), batch_size=1, repeats=1)
+    speed = measure_speed(model_cfg, "cpu", sizes=((16, 16, 16), (8, 16, 16)), batch_size=1, repeats=1)
     assert speed["device"] == "cpu" and speed["batch_size"] == 1 and speed["depth"] == 2
     assert [(p["base_channels"], p["size"], p["voxels"]) for p in speed["points"]] == \
         [(4, [16, 16, 16], 4096), (4, [8, 16, 16], 2048)]
@@ -245,7 +245,7 @@ def test_every_planned_key_says_why():
 
 
 def test_measure_speed_stops_timing_sizes_after_max_seconds_but_keeps_one_per_width():
-    speed = fingerprint.measure_speed(ModelConfig(base_channels=2, depth=1), "cpu", sizes=((8, 8, 8), (16, 16, 16)),
+    speed = measure_speed(ModelConfig(base_channels=2, depth=1), "cpu", sizes=((8, 8, 8), (16, 16, 16)),
                                       batch_size=1, widths=(2, 4), repeats=1, max_seconds=0)
     assert [(p["base_channels"], p["size"]) for p in speed["points"]] == [(2, [8, 8, 8]), (4, [8, 8, 8])]
 
@@ -254,7 +254,7 @@ def test_measure_speed_stops_timing_sizes_after_max_seconds_but_keeps_one_per_wi
 
 def test_main_with_a_budget_plans_trains_evaluates_and_keeps_explicit_keys(tiny_dataset, tmp_path, monkeypatch):
     import main
-    from checkpoint import load_checkpoint
+    from runtime.checkpoint import load_checkpoint
     main.main(["--data.dir", tiny_dataset, "--train.max_minutes", "0.1", "--train.out_dir", str(tmp_path),
                "--train.name", "planned", "--model.base_channels", "4", "--train.batch_size", "3",
                "--data.num_workers", "0"])

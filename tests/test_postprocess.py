@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from cases import Case
+from cases.h5 import Case
 from config import Config
-from export import export_case
-from postprocess import label_map_regions, relabel_small_enhancing, to_label_map
-from transforms import REGIONS, labels_to_regions
+from evaluation.export import export_case
+from evaluation.postprocess import label_map_regions, relabel_small_enhancing, to_label_map
+from transforms.regions import REGIONS, labels_to_regions
 
 SHAPE = (7, 9, 11)
 REGIONS_2023 = {"WT": (1, 2, 3), "TC": (1, 3), "ET": (3,)}

@@ -7,15 +7,22 @@ import numpy as np
 import pytest
 import torch
 
-from cases import write_case
-from checkpoint import load_checkpoint, save_checkpoint
+from cases.h5 import write_case
 from config import Config, build_config, to_dict
 from conftest import SHAPE, TumourDetector, bright_case
 from evaluate import evaluate_checkpoint
+from evaluation.postprocess import label_map_regions, remove_small_tumours
+from evaluation.postselect import (
+    _choose_and_store,
+    choose,
+    explicit_keys,
+    improves,
+    predict_cases,
+    settings_of,
+    stored_config,
+)
 from model import build_model
-from postprocess import label_map_regions, remove_small_tumours
-from postselect import (_choose_and_store, choose, explicit_keys, improves, predict_cases, settings_of,
-                        stored_config)
+from runtime.checkpoint import load_checkpoint, save_checkpoint
 
 CPU = torch.device("cpu")
 
@@ -127,7 +134,7 @@ def test_the_choice_is_stored_in_best_pt_and_applied_at_evaluation(tmp_path, mon
     old = evaluate_checkpoint(best, "all", str(tmp_path / "old"))   # a checkpoint without a choice loads
     assert old["postprocessing"] == settings_of(Config().eval)
     # the untrained UNet wins nothing; the detector's predictions stand in for it
-    monkeypatch.setattr("postselect.predict_cases", lambda model, p, cfg, device: predict_cases(
+    monkeypatch.setattr("evaluation.postselect.predict_cases", lambda model, p, cfg, device: predict_cases(
         TumourDetector(), p, detector_cfg(), device))
     report = _choose_and_store(best, paths, folder, CPU)
     state = load_checkpoint(best)
@@ -158,5 +165,5 @@ def test_no_validation_cases_or_switched_off_chooses_nothing(tmp_path):
 
 @pytest.mark.parametrize("task", ["binary"])
 def test_binary_tasks_search_only_components(task):
-    from postselect import candidate_steps
+    from evaluation.postselect import candidate_steps
     assert [name for name, _ in candidate_steps(task)] == ["tumour components"]

@@ -2,8 +2,9 @@
 import pytest
 import torch
 
-import distributed
-from precision import autocast_dtype, cpu_has_fast_bf16, resolve_device
+from runtime import distributed
+from runtime.device import resolve_device
+from runtime.precision import autocast_dtype, cpu_has_fast_bf16
 
 CPU = torch.device("cpu")
 

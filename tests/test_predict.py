@@ -8,16 +8,17 @@ import numpy as np
 import pytest
 import torch
 
-from cases import Case, to_original_grid
-from checkpoint import save_checkpoint
+from cases.geometry import to_original_grid
 from config import Config, build_config, to_dict
 from conftest import ROOT, SHAPE, TumourDetector, bright_case, write_blob_dataset
-from ensemble import Member, checkpoint_files, evaluate_ensemble_case, load_members, predict_probabilities
-from inference import predict_case
+from evaluation.checkpoints import Member, checkpoint_files, load_members
+from evaluation.ensemble import evaluate_ensemble_case, predict_probabilities
+from evaluation.inference import predict_case
+from evaluation.postprocess import label_map_regions, to_label_map
 from layout_fixtures import AFFINE, write_nifti_case
 from model import build_model
-from postprocess import label_map_regions, to_label_map
 from real_brats import BRATS_SAMPLE, SKIP_REASON, sample_cases, source_seg_path
+from runtime.checkpoint import save_checkpoint
 
 nib = pytest.importorskip("nibabel", reason="NIfTI tests need nibabel: pip install -r requirements-extra.txt")
 CPU = torch.device("cpu")
@@ -88,7 +89,7 @@ def test_two_checkpoints_predict_the_thresholded_mean_of_their_probabilities(tmp
                          "--no-overlays", "--device", "cpu")
     assert result.returncode == 0, result.stderr
     written = np.asarray(nib.load(tmp_path / "out" / "Case_1.nii.gz").dataobj)
-    import nifti
+    from conversion import nifti
     case = nifti.read_brats(str(tmp_path / "in" / "Case_1"), with_mask=False)
     members = load_members([first, second], CPU)
     each = [predict_case(m.model, case.image, m.cfg, CPU, m.amp_dtype) for m in members]

@@ -130,11 +130,13 @@ def test_readme_test_command_is_what_ci_runs():
 
 
 def scratch_checkout(folder):
-    """A folder that looks like the repository root: a symlink to each top-level file, and a `python`
+    """A folder that looks like the repository root: a symlink to each top-level file and package, and a `python`
     on PATH that is this interpreter."""
     for name in os.listdir(ROOT):
-        if not name.startswith(".") and os.path.isfile(os.path.join(ROOT, name)):
-            os.symlink(os.path.join(ROOT, name), os.path.join(folder, name))
+        path = os.path.join(ROOT, name)
+        is_package = os.path.isfile(os.path.join(path, "__init__.py"))  # the library's folders; not runs/ or data/
+        if not name.startswith(".") and (os.path.isfile(path) or is_package):
+            os.symlink(path, os.path.join(folder, name))
     bin_dir = os.path.join(folder, ".bin")
     os.makedirs(bin_dir)
     python = os.path.join(bin_dir, "python")

@@ -16,7 +16,7 @@ import pytest
 from scipy.spatial import cKDTree
 
 import real_brats
-from metrics import hd95 as project_hd95
+from evaluation.metrics import hd95 as project_hd95
 
 EMPTY_HD95 = 373.13                                       # BraTS: exactly one of the two masks empty
 LABELS = {"WT": (1, 2, 4), "TC": (1, 4), "ET": (4,)}      # BraTS 2018 regions of a label map

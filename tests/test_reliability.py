@@ -10,13 +10,13 @@ import time
 import pytest
 import torch
 
-from checkpoint import load_checkpoint, load_resumable
 from config import Config
 from conftest import ROOT, write_blob_dataset
-from guards import GracefulStop, TrainingStopped
 from model import UNet
-from step import make_run
+from runtime.checkpoint import load_checkpoint, load_resumable
 from train import new_progress, train_one_epoch
+from training.guards import GracefulStop, TrainingStopped
+from training.step import make_run
 
 TINY = ["--data.image_size", "16", "--model.base_channels", "4", "--model.depth", "2", "--data.num_workers", "0",
         "--train.batch_size", "2", "--data.val_fraction", "0.2", "--data.test_fraction", "0.2",

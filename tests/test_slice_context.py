@@ -5,15 +5,15 @@ import os
 import pytest
 import torch
 
-from cases import case_format, read_case
+from cases.h5 import case_format, read_case
+from cases.splits import list_cases
 from config import build_config, check
 from dataset import SliceDataset, build_dataset
-from inference import predict_slices
+from evaluation.inference import predict_slices
 from layout_fixtures import write_lgg_patient
 from main import run
 from prepare_data import main as prepare_main
-from splits import list_cases
-from transforms import context_indices, slice_with_context
+from transforms.context import context_indices, slice_with_context
 
 PATIENTS = [f"TCGA_YY_{i:04d}_2001010{i}" for i in range(5)]
 TINY = {"data.image_size": "16,16", "model.base_channels": "4", "model.depth": "2", "train.epochs": "1",

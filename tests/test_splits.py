@@ -4,10 +4,10 @@ import re
 
 import pytest
 
-from cases import CaseFormat, DataError
+from cases.h5 import CaseFormat, DataError
+from cases.patients import patient_id
+from cases.splits import PARTS, describe_grouping, fold_patients, list_cases, make_split, split_cases, validate_cases
 from config import DataConfig
-from patients import patient_id
-from splits import PARTS, describe_grouping, fold_patients, list_cases, make_split, split_cases, validate_cases
 
 IDS = [f"c{i:02d}" for i in range(10)]
 

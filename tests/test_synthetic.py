@@ -4,8 +4,7 @@ import os
 import numpy as np
 import pytest
 
-import cases
-import synthetic
+from cases import h5, synthetic
 
 SHAPES = [(24, 24, 24), (29, 33, 35), (40, 36, 38)]
 
@@ -19,7 +18,7 @@ def test_shapes_dtypes_and_labels(shape):
     image, mask = make(0, shape)
     assert image.shape == (4, *shape) and image.dtype == np.float32
     assert mask.shape == shape and mask.dtype == np.uint8
-    assert set(np.unique(mask).tolist()) <= set(cases.BRATS_LABELS)
+    assert set(np.unique(mask).tolist()) <= set(h5.BRATS_LABELS)
     assert np.all(np.isfinite(image))
 
 
@@ -99,13 +98,13 @@ def test_contrasts_follow_mri_conventions():
 
 def test_generate_dataset_writes_readable_cases(tmp_path, caplog):
     out_dir = str(tmp_path / "synthetic")
-    with caplog.at_level(logging.INFO, logger="synthetic"):
+    with caplog.at_level(logging.INFO, logger="cases.synthetic"):
         paths = synthetic.generate_dataset(out_dir, n_cases=5, seed=3, min_size=20, max_size=30)
     assert [os.path.basename(p) for p in paths] == [f"case_{i:03d}.h5" for i in range(5)]
     assert "5 synthetic cases" in caplog.text
     shapes, enhancing = set(), []
     for path in paths:
-        case = cases.read_case(path)
+        case = h5.read_case(path)
         assert case.image.shape[0] == 4 and case.mask.shape == case.image.shape[1:]
         assert all(20 <= side <= 30 for side in case.mask.shape)
         assert case.mask.shape[0] <= min(case.mask.shape[1:])  # depth no larger than height, width
@@ -119,7 +118,7 @@ def test_generate_dataset_is_deterministic(tmp_path):
     first = synthetic.generate_dataset(str(tmp_path / "a"), n_cases=2, seed=5, min_size=18, max_size=22)
     second = synthetic.generate_dataset(str(tmp_path / "b"), n_cases=3, seed=5, min_size=18, max_size=22)
     for path_a, path_b in zip(first, second):
-        case_a, case_b = cases.read_case(path_a), cases.read_case(path_b)
+        case_a, case_b = h5.read_case(path_a), h5.read_case(path_b)
         assert np.array_equal(case_a.image, case_b.image) and np.array_equal(case_a.mask, case_b.mask)
 
 

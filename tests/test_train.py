@@ -11,17 +11,17 @@ import numpy as np
 import pytest
 import torch
 
-from cases import write_case
-from checkpoint import load_checkpoint
+from cases.cache import CaseCache
+from cases.h5 import write_case
 from config import Config, build_config
 from conftest import SHAPE, TumourDetector, bright_case
 from evaluate import evaluate_cases
 from losses import DiceBCELoss
 from main import run as main_run
 from model import UNet
-from scoring import CaseCache
-from step import make_run, scheduled_lr, train_step
+from runtime.checkpoint import load_checkpoint
 from train import refit_steps, validate
+from training.step import make_run, scheduled_lr, train_step
 
 CPU = torch.device("cpu")
 
@@ -197,7 +197,7 @@ def test_refit_steps_fits_a_planned_step_count_to_the_pace_of_each_round():
 
 def test_a_refitted_val_every_counts_from_the_last_validation(monkeypatch):
     import train
-    from guards import GracefulStop
+    from training.guards import GracefulStop
     run = tiny_run(UNet(4, 3, base_channels=2, depth=1), val_every=7, epochs=0)
     run.step = 10  # validated at step 10 under val_every 10; refit_steps has just made it 7
     batch = {"image": torch.randn(1, 4, 8, 8, 8), "target": torch.zeros(1, 3, 8, 8, 8)}

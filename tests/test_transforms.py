@@ -3,10 +3,19 @@ import pytest
 import torch
 
 from config import DataConfig
-from cases import brain_stats
-from transforms import (augment, labels_to_regions, random_flip, random_gamma, random_intensity, random_noise,
-                        random_rot90, random_rotate, random_zoom, regions_to_labels, resize_image, resize_labels,
-                        zscore, zscore_brain)
+from transforms.augment import (
+    augment,
+    random_flip,
+    random_gamma,
+    random_intensity,
+    random_noise,
+    random_rot90,
+    random_rotate,
+    random_zoom,
+)
+from transforms.normalise import brain_stats, zscore, zscore_brain
+from transforms.regions import labels_to_regions, regions_to_labels
+from transforms.resample import resize_image, resize_labels
 
 
 def labelled_volume(shape=(12, 16, 16), seed=0):
@@ -142,14 +151,14 @@ def test_full_augmentation_with_intensity_is_reproducible():
 
 
 def test_resampled_shape_keeps_the_field_of_view():
-    from transforms import resampled_shape
+    from transforms.resample import resampled_shape
     assert resampled_shape((140, 172, 140), (1.0, 1.0, 1.0), (1.75, 1.75, 1.75)) == (80, 98, 80)
     assert resampled_shape((40, 200, 190), (3.0, 0.8, 0.8), (3.0, 1.6, 1.6)) == (40, 100, 95)
     assert resampled_shape((3, 3, 3), (1.0, 1.0, 1.0), (10.0, 10.0, 10.0)) == (1, 1, 1)
 
 
 def test_resample_image_is_trilinear_channel_first_and_identity_at_the_same_spacing():
-    from transforms import resample_image
+    from transforms.resample import resample_image
     image = torch.rand(2, 9, 12, 10)
     assert torch.allclose(resample_image(image, (1.0, 1.0, 1.0), (1.0, 1.0, 1.0)), image, atol=1e-6)
     coarse = resample_image(image.numpy(), (1.0, 1.0, 1.0), (1.5, 2.0, 1.0))
@@ -160,7 +169,7 @@ def test_resample_image_is_trilinear_channel_first_and_identity_at_the_same_spac
 
 
 def test_resample_labels_is_nearest_and_a_2x_round_trip_is_exact():
-    from transforms import resample_labels
+    from transforms.resample import resample_labels
     _, mask = labelled_volume(shape=(8, 10, 12))
     fine = resample_labels(mask, (1.0, 1.0, 1.0), (0.5, 0.5, 0.5))
     assert fine.shape == (16, 20, 24) and fine.dtype == mask.dtype
@@ -171,7 +180,7 @@ def test_resample_labels_is_nearest_and_a_2x_round_trip_is_exact():
 
 
 def test_resample_back_returns_probabilities_on_the_native_grid():
-    from transforms import resample_back
+    from transforms.resample import resample_back
     probs = torch.rand(3, 5, 6, 5)
     native = resample_back(probs, (9, 11, 10))
     assert native.shape == (3, 9, 11, 10) and native.min() >= 0 and native.max() <= 1

@@ -1,0 +1,1 @@
+"""Speed and accuracy measurements (bench.py runs them); nothing else imports these."""

@@ -1,0 +1,1 @@
+"""Users' layouts (Kaggle slices, LGG TIFFs, generic .h5, BraTS NIfTI) to the project's .h5."""

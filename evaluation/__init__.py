@@ -1,0 +1,1 @@
+"""Prediction, postprocessing, metrics, exports and reports of trained models."""

@@ -1,0 +1,85 @@
+"""From thresholded region channels to what is exported and scored: one label map.
+
+The sigmoid channels are thresholded separately, so a predicted ET may lie outside TC and TC
+outside WT. The exported file is the label map (WT -> 2, TC -> 1, ET -> 4, the more specific
+region winning), and BraTS scores that file, so evaluation must score the regions of the label map,
+not the raw channels: `label_map_regions` builds the map, postprocesses it in label space and
+returns its regions, nested ET within TC within WT; scoring.evaluate_case scores them (validation
+and evaluation) and export.export_case writes `to_label_map` of them, which is that same map.
+A binary task (one channel) is a 0/1 map.
+The label-space operations, each driven by an eval.* key (0 / false: off): keep_largest_tumour,
+remove_small_tumours, relabel_small_enhancing; postselect.py chooses them on the validation cases.
+"""
+import numpy as np
+from scipy import ndimage
+
+from transforms.regions import labels_to_regions, regions_to_labels, task_regions
+
+NECROSIS, ENHANCING = 1, 4   # labels of the project's label maps (REGIONS); export may write ET as 3
+
+
+def to_label_map(pred_regions, task, enhancing_label=ENHANCING):
+    """Boolean (R, *spatial) region channels -> uint8 label map (*spatial): for brats WT -> 2,
+    TC -> 1, ET -> enhancing_label in that order (ET wins, as regions_to_labels does); binary -> 0/1."""
+    regions = np.asarray(pred_regions, bool)
+    expected = len(task_regions(task))
+    if regions.ndim < 2 or len(regions) != expected:
+        raise ValueError(f"data.task {task!r}: prediction of shape {regions.shape} should have "
+                         f"{expected} region channels first")
+    if task == "binary":
+        return regions[0].astype(np.uint8)
+    return regions_to_labels(regions, enhancing_label).numpy().astype(np.uint8)
+
+
+def relabel_small_enhancing(labels, min_voxels, enhancing_label=ENHANCING):
+    """nnU-Net's BraTS rule in label space: an enhancing tumour smaller than `min_voxels` voxels
+    becomes necrosis (so it stays in TC and WT); returns a new map."""
+    labels = np.array(labels)
+    enhancing = labels == enhancing_label
+    if min_voxels > 0 and 0 < np.count_nonzero(enhancing) < min_voxels:
+        labels[enhancing] = NECROSIS
+    return labels
+
+
+def keep_largest_tumour(labels):
+    """Only the largest face-connected component of the whole tumour (labels > 0), with its labels
+    (mateuszbuda's LGG rule; for one region the same as keep_largest_component); a new map."""
+    components, count = ndimage.label(np.asarray(labels) > 0)
+    if count <= 1:
+        return np.array(labels)
+    largest = 1 + int(np.bincount(components.ravel())[1:].argmax())
+    return np.where(components == largest, labels, 0).astype(np.asarray(labels).dtype)
+
+
+def remove_small_tumours(labels, min_voxels):
+    """Every face-connected component of the whole tumour (labels > 0) smaller than `min_voxels`
+    voxels is cleared with all its labels (nnU-Net's small-component removal, the cure for a stray
+    false positive far from the tumour); 0 keeps every component. Returns a new map."""
+    labels = np.array(labels)
+    if min_voxels <= 0:
+        return labels
+    components, count = ndimage.label(labels > 0)
+    if count == 0:
+        return labels
+    small = np.flatnonzero(np.bincount(components.ravel()) < min_voxels)
+    labels[np.isin(components, small[small > 0])] = 0
+    return labels
+
+
+def postprocess_labels(labels, task, eval_cfg):
+    """The configured postprocessing of a label map with the project's labels (ET = 4): tumour
+    components first (eval.largest_component, eval.min_component_voxels), so the ET rule
+    (eval.postprocess_et_min) counts only the enhancing tumour that is kept."""
+    if eval_cfg.largest_component:
+        labels = keep_largest_tumour(labels)
+    labels = remove_small_tumours(labels, eval_cfg.min_component_voxels)
+    if task == "brats":
+        labels = relabel_small_enhancing(labels, eval_cfg.postprocess_et_min)
+    return labels
+
+
+def label_map_regions(pred_regions, task, eval_cfg):
+    """Boolean (R, *spatial) regions of the postprocessed label map of thresholded `pred_regions`:
+    the regions of the exported file (nested for brats), to be scored and exported."""
+    labels = postprocess_labels(to_label_map(pred_regions, task), task, eval_cfg)
+    return labels_to_regions(labels, task_regions(task)).numpy() > 0.5

@@ -1,0 +1,1 @@
+"""The recipe planned for a time budget: the cases' fingerprint, the device's speed, the plan."""

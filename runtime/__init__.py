@@ -1,0 +1,1 @@
+"""Where and how code runs: device and precision, distributed processes, atomic files, checkpoints."""
