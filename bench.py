@@ -37,6 +37,7 @@ from dataset import build_dataset
 from losses import DiceBCELoss
 from model import build_model
 from overrides import split_args
+from runtime.atomic import write_text
 from runtime.device import prepare_model, resolve_device
 from runtime.precision import autocast_dtype
 from training.loaders import loader_workers, make_loader
@@ -45,7 +46,7 @@ from training.step import make_run, train_step
 # --- the training step ------------------------------------------------------------------------------------
 
 def make_step(cfg, model, batch, device, label_loss=False):
-    """The training step itself (step.train_step: autocast, loss, backward, unscale, clipping, NaN
+    """The training step itself (training/step.train_step: autocast, loss, backward, unscale, clipping, NaN
     guard, Adam step) on a fixed batch, with the optimizer and precision `cfg` gives a run.
     label_loss: the loss's forward under a profiler label (benchmarks/profiling.py)."""
     loss = DiceBCELoss(cfg.train.dice_weight, cfg.train.bce_weight)
@@ -70,7 +71,7 @@ def step_flops(model, batch):
     return counter.get_total_flops()
 
 
-def bench_step(cfg, device, batch_size, size, repeats, ceiling, warmup=1):
+def bench_step(cfg, device, batch_size, size, *, repeats, ceiling, warmup=1):
     """Seconds, FLOPs, GFLOP/s and its share of the ceilings (benchmarks.timing.ceiling_fractions),
     voxels/s and peak memory of our step."""
     mc, tc = cfg.model, cfg.train
@@ -95,9 +96,9 @@ def bench_loader(cfg, device, n_cases, epochs, case_sizes=(72, 104)):
     from cases.synthetic import generate_dataset
     with tempfile.TemporaryDirectory() as folder:
         paths = generate_dataset(folder, n_cases, seed=0, min_size=case_sizes[0], max_size=case_sizes[1])
-        train_set = build_dataset(cfg.data, paths, True)
+        train_set = build_dataset(cfg.data, paths)
         workers = loader_workers(cfg.data.num_workers, device)
-        loader = make_loader(train_set, cfg.train.batch_size, True, num_workers=workers,
+        loader = make_loader(train_set, cfg.train.batch_size, num_workers=workers,
                              pin_memory=device.type == "cuda")
         for _ in loader:  # first epoch: reads, normalises and caches the cases
             pass
@@ -160,7 +161,8 @@ def profiled_step(device):
 
 # --- the whole run ----------------------------------------------------------------------------------------
 
-def run(cfg, device, quick, with_monai, case_shape, sides=(96, 128), case_sizes=(72, 104), crop=96):
+def run_benchmarks(cfg, device, *, quick, with_monai, case_shape, sides=(96, 128), case_sizes=(72, 104),
+                   crop=96):
     """Every figure, as a dict (bench.json); `sides`, `case_sizes` and `crop` shrink it for tests.
     Quick: fewer repeats, and inference timed on a crop of the case and scaled by windows."""
     repeats = 2 if quick else 5
@@ -171,10 +173,11 @@ def run(cfg, device, quick, with_monai, case_shape, sides=(96, 128), case_sizes=
     ceiling = ceilings(device, quick, repeats + 1, amp_dtype)
     out.update(ceiling)
     default = tuple(cfg.data.image_size if cfg.data.mode == "resize" else cfg.data.patch_size)
-    out["steps"] = [bench_step(cfg, device, cfg.train.batch_size, default, repeats, ceiling)]
+    out["steps"] = [bench_step(cfg, device, cfg.train.batch_size, default, repeats=repeats, ceiling=ceiling)]
     warmup = 0 if quick and not cfg.train.compile else 1  # a compiled first step is mostly its compile
     for side in sides:  # quick: one step, no warm-up (the first step's allocations count)
-        out["steps"].append(bench_step(cfg, device, 1, (side,) * 3, 1 if quick else 3, ceiling, warmup))
+        out["steps"].append(bench_step(cfg, device, 1, (side,) * 3, repeats=1 if quick else 3, ceiling=ceiling,
+                                       warmup=warmup))
     out.update({k: v for k, v in out["steps"][0].items() if k.startswith(("step_", "voxels_per_s"))})
     out["peak_rss_mib"] = max(s["peak_mib"] for s in out["steps"])
     out.update(bench_loader(cfg, device, 6 if quick else 16, 2 if quick else 4, case_sizes))
@@ -188,7 +191,7 @@ def run(cfg, device, quick, with_monai, case_shape, sides=(96, 128), case_sizes=
     return out
 
 
-def format_table(out):
+def format_bench_table(out):
     lines = [f"device {out['device']}, {out['threads']} threads, torch {out['torch']}, {out['precision']}, "
              f"channels_last {out['channels_last']}, compile {out['compile']}, "
              f"allocator {out['allocator'] or 'glibc defaults'}",
@@ -253,10 +256,10 @@ def main(argv=None):
         print(format_profile(rows))
         out = {"profile": rows}
     else:
-        out = run(cfg, device, args.quick, args.compare_monai, tuple(int(v) for v in args.case_shape.split(",")))
-        print(format_table(out))
-    with open(args.out, "w") as f:
-        json.dump(out, f, indent=1)
+        out = run_benchmarks(cfg, device, quick=args.quick, with_monai=args.compare_monai,
+                             case_shape=tuple(int(v) for v in args.case_shape.split(",")))
+        print(format_bench_table(out))
+    write_text(args.out, json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,10 @@
-"""Every hyperparameter, as nested dataclasses, the presets, and the rules that tie keys together.
+"""Every hyperparameter, and the rules that tie keys together.
+
+- Config: the keys, as nested dataclasses (data, model, train, eval), each default commented.
+- PRESETS: named sets of keys (`--preset lgg2d`).
+- PLANNER: the constants train.max_minutes plans with (planning/); POSTSELECT: the postprocessing
+  options tried on the validation cases (evaluation/postselect.py). Neither is a config key: they
+  decide values of config keys, and this is the one place to change them.
 
 Override any key as `--section.key VALUE` or `--section.key=VALUE`; values are typed from the
 field (overrides.py). `--config FILE.json` is applied first, `--preset NAME` before that. Unknown keys are
@@ -10,7 +16,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 
-from overrides import PRESETS, SIZE_KEYS, SPACING_KEYS, parse_value
+from overrides import SIZE_KEYS, SPACING_KEYS, parse_value
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +48,10 @@ class DataConfig:
     channel_last: str = "auto"         # image axis order: "auto" detects, "true" (D,H,W,C), "false" (C,D,H,W)
     label_map: str = ""                # label renaming before use, e.g. "3:4" for BraTS 2023+ labels
     val_fraction: float = 0.15         # share of cases (patients) held out for validation
-    test_fraction: float = 0.15        # share of cases (patients) held out for the final test
+    test_fraction: float = 0.15        # share of cases (patients) held out for the final test: taken when the
+                                       # user sets it, else only if it holds data.min_test_cases patients
+    min_test_cases: int = 10           # a test split the user did not ask for needs this many patients: fewer
+                                       # tell little and cost training cases (docs/training.md#what-is-held-out)
     split_seed: int = 0                # seed of the per-case split (saved as split.json in the run)
     num_workers: int = -1              # DataLoader workers; -1: 0 on CPU (workers would steal the cores
                                        # the step needs), min(4, cores) on CUDA
@@ -136,12 +145,17 @@ class EvalConfig:
     postprocess_et_min: int = 0        # brats task: predicted ET below this many voxels becomes necrosis (0: off)
     largest_component: bool = False    # keep only the largest connected (3D) component of the predicted
                                        # tumour, with its labels, as mateuszbuda's LGG reference does
-    enhancing_label: int = 4           # label written for enhancing tumour in exported maps (3 for BraTS 2023+)
+    enhancing_label: int = 4           # ET label in exported maps of cases with no known BraTS label convention
     save_probabilities: bool = False   # with --save-predictions, also write region probabilities (.npz)
     min_component_voxels: int = 0      # remove tumour components (face-connected, all their labels) below this
                                        # many voxels (0: off)
+    unsure_component_voxels: int = 0   # remove a tumour component (26-connected, all its labels) only when it is
+                                       # below this many voxels AND its peak probability is below
+                                       # eval.unsure_component_peak: one the network is sure of is always kept (0: off)
+    unsure_component_peak: float = 0.0  # ...the peak tumour probability (largest region probability) a component
+                                        # must reach somewhere to count as confident (0: off)
     choose_postprocessing: bool = True  # after training, choose the postprocessing keys on the validation
-                                        # cases and store them in best.pt (postselect.py)
+                                        # cases and store them in best.pt (evaluation/postselect.py)
 
 
 @dataclass
@@ -153,12 +167,101 @@ class Config:
 
 
 
+# Presets: named override sets, applied before --config and command-line overrides.
+PRESETS = {
+    # Kaggle LGG (mateuszbuda/lgg-mri-segmentation) converted with `prepare_data.py lgg`: a 2D UNet on
+    # 256x256 slices (3 channels: pre-contrast, FLAIR, post-contrast) with one sigmoid "tumour" map.
+    # Native 256x256 and width 32 as in the reference: the recipe without a budget; with
+    # train.max_minutes the planner chooses size, width, depth, batch, 2.5D context and lr from them.
+    # Augmentation as in the reference: flips, +-15 degree rotations, scaling within 5%; no quarter turns.
+    "lgg2d": {"data.task": "binary", "data.mode": "slices", "data.channels": 3, "data.image_size": "256,256",
+              "data.foreground_fraction": 0.5, "data.slices_per_case": 0, "data.cache_gb": 4.0,
+              "data.rot90_prob": 0.0, "data.rotate_prob": 0.5, "data.max_rotate_deg": 15.0,
+              "data.zoom_prob": 0.5, "data.max_zoom": 0.05,
+              "model.dims": 2, "model.in_channels": 3, "model.out_channels": 1, "model.base_channels": 32,
+              "model.depth": 4, "model.norm": "batch",
+              "train.batch_size": 16, "train.lr": 3e-4, "train.epochs": 50, "train.patience": 10,
+              "eval.batch_size": 16},
+}
+PRESET_LENGTH = ("train.epochs",)  # a preset's run length without a budget: a train.max_minutes plan sets it
+# A preset's network, slice size, batch and learning rate: its recipe without a budget, the starting
+# point a train.max_minutes plan may change (unless the command line or --config sets them)
+PRESET_PLANNABLE = ("data.image_size", "data.slice_context", "model.base_channels", "model.depth",
+                    "model.in_channels", "train.batch_size", "train.lr")
+
+# --- The planner's defaults (planning/) -----------------------------------------------------------
+# What train.max_minutes plans with: not config keys (the plan sets config keys from them), but the
+# place to change one. docs/training.md says how they were set and measured.
+@dataclass(frozen=True)
+class PlannerDefaults:
+    target_steps: int = 1000           # at each spacing the largest sample that buys this many optimizer steps
+    min_steps: int = 400               # ...else the smallest sample if it buys this many; below, a coarser spacing
+    spacing_factors: tuple = (1.0, 1.25, 1.5, 1.75, 2.0)  # candidate spacings, as multiples of the data's finest
+                                       # native spacing; no axis is resampled finer than its own spacing
+    voxel_cap: int = 128 ** 3          # largest sample (voxels per case): nnU-Net's BraTS patch at 1 mm; a whole
+                                       # resampled case within it is served whole (resize mode)
+    patch_ladder: tuple = (128 ** 3, 112 ** 3, 96 ** 3, 80 ** 3, 64 ** 3)  # patch sizes weighed at a spacing
+                                       # (voxels, shaped like the case), largest first
+    min_bottleneck: int = 4            # downsample until the bottleneck's smallest side is this many voxels...
+    max_depth: int = 3                 # ...but at most this many times (a few hundred CPU steps train no deeper net)
+    batch_size: int = 2                # as nnU-Net in 3D: under a budget a larger batch buys fewer steps
+    val_share: float = 0.10            # validation may take at most this share of the budget (and, re-fitting
+                                       # the steps during training, of the time left)
+    max_validations: int = 20          # ...and happens at most this often: enough points for a curve
+    val_sw_batch: int = 1              # patch mode: windows per forward in validation (eval.sw_batch_size's
+                                       # choice on a CPU)
+    warmup_share: float = 0.03         # linear learning-rate warm-up over this share of the planned steps
+    speed_sides_cpu: tuple = (32, 48, 64)    # cube sides training's step is timed at on a CPU (largest first)
+    speed_sides_cuda: tuple = (64, 96, 128)  # ...and on a GPU (rounded to multiples of 2**model.depth)
+    speed_steps: int = 4               # training steps timed at each side, after untimed warm-up steps
+    speed_seconds: float = 10.0        # no further side is timed once its timing would end past this many
+                                       # seconds (the first, largest side always is): a busy device plans
+                                       # from fewer
+    # 2D slices (planning/slices.py); docs/lgg.md says what on the LGG patients set each
+    slice_factors: tuple = (1.0, 0.75, 0.5)  # in-plane sizes weighed, as shares of the cases' median (H, W):
+                                       # native down to half (LGG masks taken to half and back keep Dice 0.992)
+    slice_widths: tuple = (16, 24, 32)  # model.base_channels weighed (32: the LGG reference's)
+    slice_target_steps: int = 6000     # the costliest (size, width) that buys this many steps, else the cheapest:
+                                       # twice the ~3,000 after which 128x128 width 16 stopped gaining on LGG
+                                       # (no larger network was measured past 1,400 steps)
+    slice_max_depth: int = 4           # downsamplings at most (on LGG depth 3 scored lower than 4)...
+    slice_min_bottleneck: int = 8      # ...while the bottleneck keeps this many pixels a side
+    slice_batch: int = 16              # slices a step: batch norm's statistics over 16 slices, as the LGG reference
+    slice_context: int = 1             # neighbouring slices each side as channels (2.5D; as good as 2D on LGG)
+    slice_lr: float = 1e-3             # Adam learning rate under poly (on LGG 3e-4 and 2e-3 scored lower)
+    slice_width_exponent: float = 2.0  # a step's seconds ~ pixels x width**this when only one width was timed
+    slice_speed_cases: int = 3         # training cases the 2D step is timed on (read once, served from memory)
+
+
+PLANNER = PlannerDefaults()
+
+
+# --- The postprocessing search's candidates (evaluation/postselect.py) -----------------------------
+# The options tried after training on the validation cases: not config keys (the search sets the
+# eval.* keys named here), but the place to change one. docs/training.md says how one is adopted.
+@dataclass(frozen=True)
+class PostprocessingCandidates:
+    unsure_voxels: tuple = (10, 100, 1000, 10000)  # eval.unsure_component_voxels tried (voxels of the case's
+                                       # grid; a 1 mm BraTS tumour has 10^4 - 10^5)
+    unsure_peaks: tuple = (0.8, 0.95)  # eval.unsure_component_peak tried with each size: a component whose
+                                       # probability never reaches it is unsure
+    et_sizes: tuple = (50, 200, 500, 1000)  # eval.postprocess_et_min tried (voxels; BraTS winners relabel ET
+                                       # below ~500 at 1 mm)
+
+
+POSTSELECT = PostprocessingCandidates()
+
 SCHEDULES = ("plateau", "poly", "cosine")
 PLAN_CHOICES = ("auto", "off")
 
 
 def all_keys(cfg):
     return [f"{s.name}.{f.name}" for s in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, s.name))]
+
+
+def get_key(cfg, key):
+    section, _, name = key.partition(".")
+    return getattr(getattr(cfg, section), name)
 
 
 def set_key(cfg, key, value, from_text=True):
@@ -199,6 +302,27 @@ def build_config(pairs, preset=None, config_file=None, base=None):
     for key, value in pairs.items():
         set_key(cfg, key, value)
     return cfg
+
+
+def flat_keys(overrides):
+    """The 'section.key' names of an override dict ({'section.key': v} or {'section': {'key': v}})."""
+    return [f"{key}.{name}" for key, value in overrides.items() if isinstance(value, dict) for name in value] + \
+        [key for key, value in overrides.items() if not isinstance(value, dict)]
+
+
+def explicit_keys(cfg, pairs, preset=None, config_file=None):
+    """{'section.key': value in cfg} of every key the user set: by the preset, the config file or the
+    command line (the planner plans only the others). Under a budget (train.max_minutes) a preset's
+    epoch limit is not the user's: it would end the run before the budget does, mid-schedule; nor
+    are its network, size, batch and learning rate (PRESET_PLANNABLE): the plan starts from them."""
+    preset_keys = set(flat_keys(PRESETS.get(preset, {})))
+    if cfg.train.max_minutes > 0:
+        preset_keys -= set(PRESET_LENGTH) | set(PRESET_PLANNABLE)
+    keys = set(pairs) | preset_keys
+    if config_file:
+        with open(config_file) as f:
+            keys |= set(flat_keys(json.load(f)))
+    return {key: get_key(cfg, key) for key in sorted(keys)}
 
 
 def to_dict(cfg):

@@ -6,8 +6,8 @@ ResizeDataset ("resize") serves whole cases resized to data.image_size; PatchDat
 serves random data.patch_size patches read straight from the chunked HDF5 file (only the patch's
 hyperslab is read), a share of them centred on tumour, or, when data.spacing is coarser than a
 case's own, cut from the whole case resampled there once (kept within data.cache_gb); SliceDataset ("slices", model.dims 2)
-serves 2D axial slices, sampled per case with a set share of tumour slices. Their non-training
-variants (whole native cases for patch mode, every slice in order) serve validation.
+serves 2D axial slices, sampled per case with a set share of tumour slices. They serve training
+only: validation predicts whole cases at their native grid as evaluation does (evaluation/ensemble.py).
 Files are opened lazily in whichever process asks for a sample (DataLoader workers included).
 Augmentation randomness is a pure function of (seed, epoch, index), so a run's samples are the
 same whatever the number of workers, and a resumed run sees the same samples as an unbroken one.
@@ -44,8 +44,8 @@ class H5Dataset(Dataset):
     """Samples drawn from a list of case files: how to read them, the sample's random generator and a
     cache of prepared cases (up to data.cache_gb), shared by the datasets of every mode."""
 
-    def __init__(self, paths, data_cfg, train, seed=0):
-        self.paths, self.cfg, self.train, self.seed = list(paths), data_cfg, train, seed
+    def __init__(self, paths, data_cfg, *, seed=0):
+        self.paths, self.cfg, self.seed = list(paths), data_cfg, seed
         self.fmt = case_format(data_cfg)
         self.regions = task_regions(data_cfg.task)
         self.epoch = 0
@@ -71,8 +71,8 @@ class H5Dataset(Dataset):
         return item
 
     def sample(self, image, mask, case_id, gen):
-        """The sample dict, augmented with `gen` in training when data.augment is on."""
-        if self.train and self.cfg.augment:
+        """The sample dict, augmented with `gen` when data.augment is on."""
+        if self.cfg.augment:
             image, mask = augment(image, mask, gen, self.cfg)
         return {"image": image, "target": labels_to_regions(mask, self.regions), "case_id": case_id}
 
@@ -125,8 +125,8 @@ class PatchDataset(H5Dataset):
     else computed once from the whole volume) and up to MAX_FOREGROUND_POINTS tumour voxels.
     """
 
-    def __init__(self, paths, data_cfg, train=True, seed=0):
-        super().__init__(paths, data_cfg, train, seed)
+    def __init__(self, paths, data_cfg, *, seed=0):
+        super().__init__(paths, data_cfg, seed=seed)
         self.per_case = max(1, int(data_cfg.patches_per_case))
         self._stats, self._foreground, self._targets = {}, {}, {}
 
@@ -180,7 +180,7 @@ class PatchDataset(H5Dataset):
     def __getitem__(self, index):
         path, gen = self.paths[index % len(self.paths)], self.generator(index)
         patch = tuple(self.cfg.patch_size)
-        fraction = self.cfg.foreground_fraction if self.train else 0.0
+        fraction = self.cfg.foreground_fraction
         if self.target(index % len(self.paths)) is not None:
             image, mask, foreground, case_id = self.prepared(index % len(self.paths))
             start, _ = patch_start(mask.shape, patch, foreground, fraction, gen)
@@ -193,15 +193,6 @@ class PatchDataset(H5Dataset):
             mask = self._mask(path, f, start, patch, spatial)
         image = zscore(np.moveaxis(raw, -1, 0) if channel_axis == -1 else raw, *stats)
         return self.sample(image, torch.from_numpy(mask), case_id_of(path), gen)
-
-
-class CaseDataset(H5Dataset):
-    """Whole cases at their native grid, normalised, not augmented (patch mode's validation)."""
-
-    def __getitem__(self, index):
-        case = read_case(self.paths[index], self.fmt)
-        return {"image": zscore_brain(case.image), "target": labels_to_regions(case.mask, self.regions),
-                "case_id": case.case_id}
 
 
 def pick_slice(tumour, fraction, gen):
@@ -224,17 +215,16 @@ class SliceDataset(H5Dataset):
     """2D axial slices of each case (slices mode), resized to the last two axes of data.image_size.
 
     Each case is z-scored over its whole brain (as in 3D), so a slice's intensities do not depend
-    on how much brain it cuts. Training draws data.slices_per_case slices per case and epoch (0: as
-    many as it has), a data.foreground_fraction share of them with tumour; otherwise it serves every
-    slice of every case in order. With data.slice_context k, a sample's image holds slices z-k..z+k
-    as (2k+1)*C channels (transforms.slice_with_context; the edge slice repeats at the volume's edges).
+    on how much brain it cuts. It draws data.slices_per_case slices per case and epoch (0: as many
+    as it has), a data.foreground_fraction share of them with tumour. With data.slice_context k, a
+    sample's image holds slices z-k..z+k as (2k+1)*C channels (transforms/context.py; the edge slice
+    repeats at the volume's edges).
     """
 
-    def __init__(self, paths, data_cfg, train, seed=0):
-        super().__init__(paths, data_cfg, train, seed)
-        depths = [slice_count(p, self.fmt) for p in self.paths]
-        per_case = [data_cfg.slices_per_case or d for d in depths] if train else depths
-        self.ends = np.cumsum(per_case)
+    def __init__(self, paths, data_cfg, *, seed=0):
+        super().__init__(paths, data_cfg, seed=seed)
+        depths = [slice_count(p, self.fmt) for p in self.paths]  # opens every case: a bad file fails here
+        self.ends = np.cumsum([data_cfg.slices_per_case or d for d in depths])
 
     def __len__(self):
         return int(self.ends[-1]) if len(self.ends) else 0
@@ -252,19 +242,13 @@ class SliceDataset(H5Dataset):
         case_index = int(np.searchsorted(self.ends, index, side="right"))
         image, mask, tumour, case_id = self.prepared(case_index)
         gen = self.generator(index)
-        if self.train:
-            z = pick_slice(tumour, self.cfg.foreground_fraction, gen)
-        else:
-            z = index - (int(self.ends[case_index - 1]) if case_index else 0)
+        z = pick_slice(tumour, self.cfg.foreground_fraction, gen)
         return self.sample(slice_with_context(image, z, self.cfg.slice_context), mask[z], case_id, gen)
 
 
-# data.mode -> (training dataset, dataset of whole cases or every slice for validation)
-DATASETS = {"resize": (ResizeDataset, ResizeDataset), "patch": (PatchDataset, CaseDataset),
-            "slices": (SliceDataset, SliceDataset)}
+DATASETS = {"resize": ResizeDataset, "patch": PatchDataset, "slices": SliceDataset}  # by data.mode
 
 
-def build_dataset(data_cfg, paths, train, seed=0):
-    """The dataset of data.mode over `paths`: training samples, or (train false) validation's."""
-    training, validation = DATASETS[data_cfg.mode]
-    return (training if train else validation)(paths, data_cfg, train, seed)
+def build_dataset(data_cfg, paths, *, seed=0):
+    """The training dataset of data.mode over the case files `paths`."""
+    return DATASETS[data_cfg.mode](paths, data_cfg, seed=seed)

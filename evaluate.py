@@ -1,34 +1,6 @@
-"""Evaluate a checkpoint: predict every case of a split at native resolution and score it.
-
-    python evaluate.py --checkpoint RUN/best.pt|RUN [--checkpoint RUN2 ...] [--data.dir DIR] [--split test|val|all] [--out DIR]
-                       [--save-predictions] [--save-probabilities] [--no-overlays] [--predict]
-
-The model is rebuilt from the config stored in the checkpoint; data.* and eval.* keys can be
-overridden on the command line, and the postprocessing chosen on the validation cases after
-training (stored in the checkpoint, see postselect.py) applies unless an eval.* key given here
-overrides it. --split defaults to the config's eval.split (test unless changed). Writes
-per_case.csv and summary.json (means, std and median over cases of Dice, IoU, sensitivity,
-specificity and HD95 per region; brats: also the BraTS 2023 lesion-wise figures, see
-docs/evaluation.md) to --out (default: the checkpoint's folder), prints a table, and draws an
-overlay PNG per case in --out/overlays. The scores are those of the label map that
---save-predictions writes.
-Binary tasks (data.task binary, e.g. Kaggle LGG) are scored per patient: each patient's slices
-stacked into one volume, voxel counts summed, Dice and IoU from those counts (the headline; no
-HD95, whose empty-case value is BraTS's); beside it, under "per_slice", Dice and IoU averaged over
-the tumour-containing slices and the number of tumour-free slices with a false-positive prediction.
---save-predictions writes a label map per case to --out/predictions (NIfTI on the source grid
-and affine for cases converted from NIfTI, else .h5; cases converted from the Kaggle LGG TIFFs also
-get the dataset's own layout, <patient>/<patient>_<n>_pred.tif, 0/255; see export.py). --predict is for cases
-without labels: it only predicts and exports (use it with --split all).
-A cross-validation run folder (data.fold all) as --checkpoint evaluates the ensemble of its
-folds' best.pt on the test split no fold saw: the mean of their probabilities per case. Several
---checkpoint (e.g. runs with different train.seed) are an ensemble too, scored on the first
-run's split; it is refused when any member trained or validated on a patient of that split
-(each member's split.json is read), and it needs --out.
-Under torchrun (`torchrun --nproc_per_node=N evaluate.py ...`) case i is predicted by rank i % N
-(which also writes that case's overlay and prediction files); the per-case results are gathered
-to rank 0, which writes per_case.csv and summary.json in the single-process case order, so the
-figures equal a one-process evaluation of the same checkpoint.
+"""Evaluate a checkpoint, a cross-validation run or an ensemble: predict every case of a split at
+its native grid, score it, and write per_case.csv, summary.json, overlays and, when asked, the
+scored label maps. `python evaluate.py --help` lists the options; docs/evaluation.md explains them.
 """
 import argparse
 import json
@@ -45,7 +17,7 @@ from evaluation.checkpoints import checkpoint_files, load_members
 from evaluation.ensemble import evaluate_case, evaluate_ensemble_case
 from evaluation.export import export_case
 from evaluation.postselect import settings_of
-from evaluation.reports import format_table, write_reports
+from evaluation.reports import format_confidence, format_table, write_confidence, write_reports
 from overrides import split_args
 from runtime import distributed
 from runtime.checkpoint import CheckpointError
@@ -63,7 +35,13 @@ def select_cases(data_dir, split, split_file):
     if not os.path.isfile(split_file):
         raise DataError(f"{split_file}: no split file beside the checkpoint; use --split all")
     with open(split_file) as f:
-        wanted = set(json.load(f)[split])
+        saved = json.load(f)
+    wanted = set(saved[split])
+    if not wanted:
+        why = saved.get("held_out", {}).get(split)
+        other = "--split val" if split == "test" else "--split test"
+        raise DataError(f"{split_file}: no {split} cases in this run's split" + (f" ({why})" if why else "")
+                        + f"; use {other}, or score other cases with --data.dir DIR --split all")
     chosen = [p for p in paths if case_id_of(p) in wanted]
     missing = wanted - {case_id_of(p) for p in chosen}
     if missing:
@@ -72,24 +50,26 @@ def select_cases(data_dir, split, split_file):
     return chosen
 
 
-def evaluate_cases(model, paths, cfg, device, out_dir=None, save_predictions=False, overlays=False,
+def evaluate_cases(model, paths, cfg, device, *, out_dir=None, save_predictions=False, overlays=False,
                    labelled=True, members=None):
     """Predict each case, postprocess, score it (when `labelled`) and export what was asked for;
-    returns a list of (case_id, {region: {metric: value}}) (empty scores when unlabelled).
-    With `members` (ensemble.Member list) the mean of their probabilities is scored instead of `model`'s."""
-    fmt, results = case_format(cfg.data), []
-    amp_dtype = autocast_dtype(device, cfg.train.amp, cfg.train.precision)
-    regions = task_regions(cfg.data.task)
+    returns a list of (case_id, {region: {metric: value}}, confidence) (empty scores when
+    unlabelled; confidence.case_confidence needs no labels). With `members` (checkpoints.Member
+    list) the mean of their probabilities is scored instead of `model`'s, and their agreement counts
+    in the confidence."""
+    fmt, amp_dtype = case_format(cfg.data), autocast_dtype(device, cfg.train.amp, cfg.train.precision)
+    brats, results = cfg.data.task == "brats", []
     for path in tqdm(paths, desc="evaluate" if labelled else "predict", leave=False, dynamic_ncols=True,
                      disable=not distributed.is_main()):
         case = read_case(path, fmt, with_mask=labelled)
-        brats = cfg.data.task == "brats"
-        result = (evaluate_ensemble_case(members, case, device, brats, brats) if members else
-                  evaluate_case(model, case, cfg, device, amp_dtype, with_hd95=brats, with_lesions=brats))
+        result = (evaluate_ensemble_case(members, case, device, with_hd95=brats, with_lesions=brats) if members
+                  else evaluate_case(model, case, cfg, device, amp_dtype, with_hd95=brats, with_lesions=brats,
+                                     with_confidence=True))
         if save_predictions or overlays:
-            export_case(out_dir, case, result.pred, result.probs.numpy() if cfg.eval.save_probabilities else None,
-                        cfg.eval.enhancing_label, predictions=save_predictions, overlay=overlays, regions=regions)
-        results.append((case.case_id, result.scores))
+            probs = result.probs.cpu().numpy() if cfg.eval.save_probabilities else None
+            export_case(out_dir, case, result.pred, probs=probs, default_enhancing=cfg.eval.enhancing_label,
+                        predictions=save_predictions, overlay=overlays, regions=task_regions(cfg.data.task))
+        results.append((case.case_id, result.scores, result.confidence))
     return results
 
 
@@ -121,12 +101,12 @@ def check_held_out(files, paths, split):
                             f"on a split every member held out")
 
 
-def evaluate_checkpoint(checkpoint_path, split=None, out_dir=None, overrides=None, device=None,
+def evaluate_checkpoint(checkpoint_path, split=None, out_dir=None, overrides=None, *, device=None,
                         save_predictions=False, overlays=False, predict=False):
     """Rebuild the model from a checkpoint, score a split (None: eval.split), write reports; returns the summary.
 
     checkpoint_path may be a run folder: its best.pt, or for a cross-validation run (data.fold all)
-    the ensemble of its fold_<i>/best.pt (mean probabilities, see ensemble.py); or a list of
+    the ensemble of its fold_<i>/best.pt (mean probabilities, see evaluation/ensemble.py); or a list of
     checkpoints or run folders: the ensemble of all, scored on the first one's split (check_held_out).
     With `predict` the cases need no labels: they are predicted and exported, not scored, and the
     summary only lists them. Under torchrun every rank calls this and scores its share of the cases;
@@ -137,39 +117,93 @@ def evaluate_checkpoint(checkpoint_path, split=None, out_dir=None, overrides=Non
                         f"the first run's own")
     files = [f for spec in specs for f in checkpoint_files(spec)]
     members = load_members(files, device, overrides)
-    cfg, device = members[0].cfg, members[0].device
-    split = split or cfg.eval.split
-    paths = select_cases(cfg.data.dir, split, split_file(files[0]))
+    split = split or members[0].cfg.eval.split
+    paths = select_cases(members[0].cfg.data.dir, split, split_file(files[0]))
     if len(files) > 1 and split != "all":
         check_held_out(files, paths, split)
-    first = specs[0]
-    out_dir = out_dir or (first if os.path.isdir(first) else os.path.dirname(os.path.abspath(first)))
-    rank, world = distributed.rank(), distributed.world_size()
-    mine = evaluate_cases(members[0].model, paths[rank::world], cfg, device, out_dir, save_predictions or predict,
-                          overlays, labelled=not predict, members=members if len(members) > 1 else None)
-    shards = distributed.gather_objects(mine)
-    # case i was rank i % world's (i // world)-th: interleave back into the single-process order
-    results = [shards[i % world][i // world] for i in range(len(paths))]
+    out_dir = out_dir or (specs[0] if os.path.isdir(specs[0]) else os.path.dirname(os.path.abspath(specs[0])))
+    results = evaluate_shards(members, paths, out_dir=out_dir, save_predictions=save_predictions or predict,
+                              overlays=overlays, labelled=not predict)
     if not distributed.is_main():
         return None
     if predict:
-        log.info("wrote predictions of %d cases to %s", len(results), os.path.join(out_dir, "predictions"))
-        return {"split": split, "cases": len(results), "predicted": [cid for cid, _ in results],
-                "predictions_dir": os.path.join(out_dir, "predictions")}
+        return predicted_summary(results, split, out_dir)
+    return scored_summary(results, split, out_dir, specs, members)
+
+
+def evaluate_shards(members, paths, **export):
+    """evaluate_cases under torchrun: rank r scores cases r, r + world, ...; returns every case's
+    result on every rank, in the order of `paths`. `export`: evaluate_cases' keyword arguments."""
+    first, rank, world = members[0], distributed.rank(), distributed.world_size()
+    mine = evaluate_cases(first.model, paths[rank::world], first.cfg, first.device,
+                          members=members if len(members) > 1 else None, **export)
+    shards = distributed.gather_objects(mine)
+    # case i was rank i % world's (i // world)-th: interleave back into the single-process order
+    return [shards[i % world][i // world] for i in range(len(paths))]
+
+
+def predicted_summary(results, split, out_dir):
+    """What --predict returns: the cases predicted, where their label maps are, and the least
+    confident of them (every case's confidence goes to OUT/confidence.csv)."""
+    folder = os.path.join(out_dir, "predictions")
+    least = write_confidence(out_dir, {cid: confidence for cid, _, confidence in results})
+    log.info("wrote predictions of %d cases to %s, their confidence to %s", len(results), folder,
+             os.path.join(out_dir, "confidence.csv"))
+    return {"split": split, "cases": len(results), "predicted": [cid for cid, _, _ in results],
+            "predictions_dir": folder, "least_confident": least}
+
+
+def scored_summary(results, split, out_dir, specs, members):
+    """Write per_case.csv and summary.json (which checkpoints, data, task and postprocessing made
+    the figures); returns the summary."""
+    cfg = members[0].cfg
     about = {"checkpoint": os.path.abspath(specs[0]) if len(specs) == 1 else [os.path.abspath(c) for c in specs],
              "data_dir": os.path.abspath(cfg.data.dir),
              "task": cfg.data.task}
-    if len(files) > 1:
-        about["ensemble"] = [os.path.abspath(f) for f in files]
+    if len(members) > 1:
+        about["ensemble"] = [os.path.abspath(m.path) for m in members]
     about["postprocessing"] = settings_of(cfg.eval)
     summary = write_reports(out_dir, results, split, about, list(task_regions(cfg.data.task)))
     log.info("wrote %s and %s", os.path.join(out_dir, "per_case.csv"), os.path.join(out_dir, "summary.json"))
     return summary
 
 
-def main(argv=None):
-    pairs, rest = split_args(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+EPILOG = """\
+The model is rebuilt from the config stored in the checkpoint. data.*, eval.* and train.device keys
+may follow (e.g. --data.dir NEW --eval.threshold 0.4); the postprocessing chosen on the validation
+cases after training applies unless an eval.* key given here overrides it. --split test|val reads
+the split.json beside the checkpoint; all takes every case in data.dir.
+
+Writes to --out (default: the checkpoint's folder) per_case.csv and summary.json: mean, std and
+median over cases of Dice, IoU, sensitivity, specificity and HD95 per region (brats: also the BraTS
+2023 lesion-wise figures); binary tasks (e.g. Kaggle LGG) are scored per patient, from voxel counts
+summed over the patient's slices, with per-slice figures under "per_slice" and no HD95. A table is
+printed and an overlay PNG drawn per case in OUT/overlays. Each case also gets a confidence computed
+without its labels (per_case.csv's confidence column); summary.json names the least confident cases
+and how well confidence ranks the true Dice (confidence_rank_correlation). With --predict, the
+confidence goes to OUT/confidence.csv.
+
+--save-predictions writes the label map that was scored to OUT/predictions: <case>.nii.gz on the
+source grid and affine for cases converted from NIfTI, else <case>.h5. Enhancing tumour gets the
+label of the case's own BraTS naming, as its conversion recorded it (3 for 2023+, 4 for 2018-21;
+a case named like BraTS-GLI-00000-000 is 2023+), else eval.enhancing_label. Cases converted from
+the Kaggle LGG TIFFs also get <patient>/<patient>_<n>_pred.tif (0/255).
+
+A cross-validation run folder (data.fold all) is the ensemble of its folds' best.pt (the mean of
+their probabilities), scored on the test split no fold saw. Several --checkpoint are an ensemble
+too, scored on the first run's split; it needs --out, and is refused when any member trained or
+validated on a patient of that split (each member's split.json is read).
+
+Under torchrun (torchrun --nproc_per_node=N evaluate.py ...) rank i predicts cases i, i+N, ...
+(writing their overlays and label maps); rank 0 writes the reports, whose figures equal a
+one-process evaluation. More in docs/evaluation.md.
+"""
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description="Evaluate a checkpoint, a cross-validation run or an ensemble on a split.",
+                                     epilog=EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--checkpoint", action="append", required=True,
                         help="best.pt or last.pt, or a run folder (its best.pt; with fold_<i> folders their ensemble); "
                              "given several times, the ensemble of all (with --out)")
@@ -177,22 +211,28 @@ def main(argv=None):
                         help="cases to evaluate (default: the config's eval.split, test unless changed)")
     parser.add_argument("--out", default=None, help="folder for per_case.csv, summary.json, overlays/, predictions/")
     parser.add_argument("--save-predictions", action="store_true",
-                        help="write a label map per case to OUT/predictions (NIfTI when the case came from NIfTI; "
-                             "Kaggle LGG cases also as <patient>/<patient>_<n>_pred.tif)")
+                        help="write the scored label map per case to OUT/predictions (NIfTI when the case came "
+                             "from NIfTI; Kaggle LGG cases also as <patient>/<patient>_<n>_pred.tif)")
     parser.add_argument("--save-probabilities", action="store_true",
                         help="with the label maps, write region probabilities as .npz")
     parser.add_argument("--overlays", action=argparse.BooleanOptionalAction, default=True,
                         help="draw a FLAIR overlay PNG per case in OUT/overlays (default: on)")
     parser.add_argument("--predict", action="store_true",
-                        help="cases without labels: predict and export only, no scores")
-    args = parser.parse_args(rest)
+                        help="cases without labels (use with --split all): predict and export only, no scores")
+    return parser.parse_args(argv)
+
+
+def main(argv=None):
+    pairs, rest = split_args(sys.argv[1:] if argv is None else argv)
+    args = parse_args(rest)
     if args.save_probabilities:
         pairs["eval.save_probabilities"] = "true"
     logging.basicConfig(level=logging.INFO if distributed.is_main() else logging.WARNING, format="%(message)s")
     try:
         distributed.init_from_env(pairs.get("train.device", "auto"))
-        summary = evaluate_checkpoint(args.checkpoint, args.split, args.out, pairs, None, args.save_predictions,
-                                      args.overlays, args.predict)
+        summary = evaluate_checkpoint(args.checkpoint, args.split, args.out, pairs,
+                                      save_predictions=args.save_predictions, overlays=args.overlays,
+                                      predict=args.predict)
     except (DataError, CheckpointError, KeyError, ValueError) as err:
         sys.exit(f"error: {err.args[0] if isinstance(err, KeyError) else err}")
     finally:
@@ -200,7 +240,8 @@ def main(argv=None):
     if summary is None:  # not rank 0
         return
     if args.predict:
-        print(f"predicted {summary['cases']} cases; label maps in {summary['predictions_dir']}")
+        print("\n".join([f"predicted {summary['cases']} cases; label maps in {summary['predictions_dir']}",
+                         *format_confidence(summary)]))
     else:
         print(format_table(summary))
 

@@ -56,7 +56,7 @@ class ConvBlock(nn.Sequential):
 
 
 class UNet(nn.Module):
-    def __init__(self, in_channels=4, out_channels=3, base_channels=16, depth=3, norm="instance",
+    def __init__(self, in_channels=4, out_channels=3, *, base_channels=16, depth=3, norm="instance",
                  dims=3, max_channels=320, checkpointing=False):
         super().__init__()
         if dims not in (2, 3):
@@ -110,5 +110,6 @@ class UNet(nn.Module):
 
 def build_model(model_cfg):
     """The UNet described by a ModelConfig."""
-    return UNet(model_cfg.in_channels, model_cfg.out_channels, model_cfg.base_channels, model_cfg.depth,
-                model_cfg.norm, model_cfg.dims, model_cfg.max_channels, model_cfg.checkpointing)
+    return UNet(model_cfg.in_channels, model_cfg.out_channels, base_channels=model_cfg.base_channels,
+                depth=model_cfg.depth, norm=model_cfg.norm, dims=model_cfg.dims,
+                max_channels=model_cfg.max_channels, checkpointing=model_cfg.checkpointing)

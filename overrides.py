@@ -1,9 +1,7 @@
 """Command-line text to config values: `--section.key VALUE` pairs out of argv, each value typed
-from the field it overrides (sizes and spacings from "64" or "64,64,48"), the presets (named sets
-of overrides), and which keys a user set. config.py applies them. No torch here either.
+from the field it overrides (sizes and spacings from "64" or "64,64,48"). config.py applies them
+(and holds the presets). No torch here either.
 """
-import json
-
 SIZE_KEYS = {"image_size", "patch_size"}
 SPACING_KEYS = {"spacing"}
 
@@ -76,48 +74,3 @@ def split_args(argv):
             rest.append(arg)
         i += 1
     return pairs, rest
-
-
-# Presets: named override sets, applied before --config and command-line overrides.
-PRESETS = {
-    # Kaggle LGG (mateuszbuda/lgg-mri-segmentation) converted with `prepare_data.py lgg`: a 2D UNet on
-    # 256x256 slices (3 channels: pre-contrast, FLAIR, post-contrast) with one sigmoid "tumour" map.
-    # Native 256x256 as in the reference; on a CPU pass --data.image_size 128,128 (4x fewer pixels).
-    # Augmentation as in the reference: flips, +-15 degree rotations, scaling within 5%; no quarter turns.
-    "lgg2d": {"data.task": "binary", "data.mode": "slices", "data.channels": 3, "data.image_size": "256,256",
-              "data.foreground_fraction": 0.5, "data.slices_per_case": 0, "data.cache_gb": 4.0,
-              "data.rot90_prob": 0.0, "data.rotate_prob": 0.5, "data.max_rotate_deg": 15.0,
-              "data.zoom_prob": 0.5, "data.max_zoom": 0.05,
-              "model.dims": 2, "model.in_channels": 3, "model.out_channels": 1, "model.base_channels": 32,
-              "model.depth": 4, "model.norm": "batch",
-              "train.batch_size": 16, "train.lr": 3e-4, "train.epochs": 50, "train.patience": 10,
-              "eval.batch_size": 16},
-}
-
-
-def get_key(cfg, key):
-    section, _, name = key.partition(".")
-    return getattr(getattr(cfg, section), name)
-
-
-def flat_keys(overrides):
-    """The 'section.key' names of an override dict ({'section.key': v} or {'section': {'key': v}})."""
-    return [f"{key}.{name}" for key, value in overrides.items() if isinstance(value, dict) for name in value] + \
-        [key for key, value in overrides.items() if not isinstance(value, dict)]
-
-
-PRESET_LENGTH = ("train.epochs",)  # a preset's run length without a budget: a train.max_minutes plan sets it
-
-
-def explicit_keys(cfg, pairs, preset=None, config_file=None):
-    """{'section.key': value in cfg} of every key the user set: by the preset, the config file or the
-    command line (the planner plans only the others). Under a budget (train.max_minutes) a preset's
-    epoch limit is not the user's: it would end the run before the budget does, mid-schedule."""
-    preset_keys = set(flat_keys(PRESETS.get(preset, {})))
-    if cfg.train.max_minutes > 0:
-        preset_keys -= set(PRESET_LENGTH)
-    keys = set(pairs) | preset_keys
-    if config_file:
-        with open(config_file) as f:
-            keys |= set(flat_keys(json.load(f)))
-    return {key: get_key(cfg, key) for key in sorted(keys)}

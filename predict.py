@@ -7,9 +7,12 @@ IN holds BraTS NIfTI case folders (2018-21 or 2023+ file names, directly in IN o
 HGG/<case>/; read and checked as `prepare_data.py brats` reads them, in memory, nothing converted),
 or .h5 cases (the project's layout, or your own read with data.* keys such as --data.image_key raw).
 No labels are needed. Each case gets OUT/<case>.nii.gz for NIfTI input (the source grid, affine and
-axis order; labels 1 necrosis, 2 edema, 4 enhancing, or 3 when the input used the 2023 names) or
-OUT/<case>.h5, and an overlay OUT/overlays/<case>.png unless --no-overlays. Every file is written
-atomically.
+axis order) or OUT/<case>.h5, and an overlay OUT/overlays/<case>.png unless --no-overlays. Labels:
+1 necrosis, 2 edema, and enhancing tumour as the case's BraTS convention has it: 3 for 2023+ file
+names (or an .h5 converted from them, or named like BraTS-GLI-00000-000), 4 for 2018-21 names,
+else eval.enhancing_label. OUT/confidence.csv gives each case a confidence in [0, 1] computed
+without labels (docs/evaluation.md): the least confident cases, named in the log, are the ones to
+check first. Every file is written atomically.
 
 Several -c are an ensemble: the mean of their probabilities, each model predicting with its own
 config (mode, sizes) at the case's native grid, thresholded and postprocessed with the first one's
@@ -30,17 +33,16 @@ from cases.h5 import DataError, case_format, case_id_of, read_case
 from conversion import nifti
 from conversion.layouts import require
 from evaluation.checkpoints import load_members
-from evaluation.ensemble import predict_probabilities
-from evaluation.export import flair_channel, save_label_map, save_overlay
-from evaluation.postprocess import label_map_regions, to_label_map
+from evaluation.ensemble import confidence_of, predict_probabilities
+from evaluation.export import enhancing_label, flair_channel, save_label_map, save_overlay
+from evaluation.postprocess import predicted_regions, to_label_map
+from evaluation.reports import write_confidence
 from overrides import split_args
 from runtime import distributed
 from runtime.checkpoint import CheckpointError
 from transforms.regions import task_regions
 
 log = logging.getLogger("predict")
-# the enhancing-tumour label written back, by the naming of the input files (cases.py: label_convention)
-ENHANCING_LABEL = {"2018": 4, "2023": 3}
 
 
 def find_inputs(src, fmt):
@@ -61,33 +63,41 @@ def find_inputs(src, fmt):
 
 
 def predict_one(members, case, out_dir, overlay):
-    """Write the label map (and overlay) of one case; returns the paths written."""
+    """Write the label map (and overlay) of one case; returns its confidence (no labels needed;
+    an ensemble's counts its members' agreement)."""
     cfg = members[0].cfg
     task = cfg.data.task
-    probs = predict_probabilities(members, case, members[0].device)
-    regions = label_map_regions((probs > cfg.eval.threshold).numpy(), task, cfg.eval)
-    enhancing = ENHANCING_LABEL.get(case.attrs.get("label_convention"), cfg.eval.enhancing_label)
-    written = [save_label_map(out_dir, case.case_id, to_label_map(regions, task, enhancing), case.attrs,
-                              case.spacing)]
+    probs, masks = predict_probabilities(members, case, members[0].device, with_masks=True)
+    regions = predicted_regions(probs, task, cfg.eval)
+    labels = to_label_map(regions, task, enhancing_label(case, cfg.eval.enhancing_label))
+    save_label_map(out_dir, case.case_id, labels, case.attrs, case.spacing)
     if overlay:
-        written.append(save_overlay(os.path.join(out_dir, "overlays", f"{case.case_id}.png"),
-                                    case.image[flair_channel(case.attrs)], regions, None, case.case_id,
-                                    list(task_regions(task))))
-    return written
+        save_overlay(os.path.join(out_dir, "overlays", f"{case.case_id}.png"), case.image[flair_channel(case.attrs)],
+                     regions, None, case.case_id, list(task_regions(task)))
+    return confidence_of(probs, cfg.eval.threshold, masks)
 
 
 def predict_all(members, cases, out_dir, overlays=True):
-    """Predict every (case_id, source, read) in turn; returns the one-line reasons of the cases skipped."""
-    failed = []
+    """Predict every (case_id, source, read) in turn; returns the one-line reasons of the cases
+    skipped and {case_id: confidence} of those predicted."""
+    failed, confidence = [], {}
     for case_id, source, read in tqdm(cases, desc="predict", unit="case", dynamic_ncols=True,
                                       disable=not distributed.is_main()):
         try:
-            predict_one(members, read(), out_dir, overlays)
+            confidence[case_id] = predict_one(members, read(), out_dir, overlays)
         except (DataError, OSError, ValueError) as err:
             reason = str(err) if source in str(err) else f"{source}: {err}"
             log.error("skipped %s: %s", case_id, reason)
             failed.append(f"{case_id}: {reason}")
-    return failed
+    return failed, confidence
+
+
+def report_confidence(out_dir, confidence):
+    """Rank 0: confidence.csv in `out_dir` and a log line naming the least confident cases."""
+    least = write_confidence(out_dir, confidence)
+    if least:
+        log.info("least confident cases (check these first): %s; every case's confidence in %s",
+                 ", ".join(f"{c['case']} {c['confidence']:.3f}" for c in least), os.path.join(out_dir, "confidence.csv"))
 
 
 def parse_args(argv):
@@ -112,14 +122,17 @@ def main(argv=None):
     if args.device:
         pairs["train.device"] = args.device
     try:
-        context = distributed.init_from_env(pairs.get("train.device", "auto"))
-        members = load_members(args.checkpoint, context.device, pairs)
+        device = distributed.init_from_env(pairs.get("train.device", "auto"))
+        members = load_members(args.checkpoint, device, pairs)
         cases = find_inputs(args.input, case_format(members[0].cfg.data))
         os.makedirs(args.output, exist_ok=True)
-        log.info("predicting %d cases with %d model(s) on %s", len(cases), len(members), context.device)
+        log.info("predicting %d cases with %d model(s) on %s", len(cases), len(members), device)
         rank, world = distributed.rank(), distributed.world_size()
-        failed = predict_all(members, cases[rank::world], args.output, args.overlays)
-        failed = [reason for shard in distributed.gather_objects(failed) for reason in shard]
+        shards = distributed.gather_objects(predict_all(members, cases[rank::world], args.output, args.overlays))
+        failed = [reason for shard_failed, _ in shards for reason in shard_failed]
+        if distributed.is_main():
+            by_case = {cid: c for _, shard in shards for cid, c in shard.items()}
+            report_confidence(args.output, {cid: by_case[cid] for cid, _, _ in cases if cid in by_case})
     except (DataError, CheckpointError, KeyError, ValueError, ImportError, OSError, RuntimeError) as err:
         sys.exit(f"error: {err.args[0] if isinstance(err, KeyError) else err}")
     finally:

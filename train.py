@@ -1,9 +1,9 @@
 """The training loop: a round of steps, one validation pass, bookkeeping; repeat.
 
-A step is step.train_step (autocast, loss, zero_grad, backward, unscale, clip, optimizer step) on
-the objects of a step.Run. A round is an epoch, or train.val_every steps when set. After each
+A step is training/step.train_step (autocast, loss, zero_grad, backward, unscale, clip, optimizer step) on
+the objects of a training.step.Run. A round is an epoch, or train.val_every steps when set. After each
 round: validation (`validate`: whole validation cases predicted, postprocessed and scored at their
-native grid exactly as evaluate.py does, through scoring.evaluate_case), under train.schedule
+native grid exactly as evaluate.py does, through evaluation/ensemble.evaluate_case), under train.schedule
 plateau ReduceLROnPlateau on the validation loss and early stopping after `train.patience` rounds
 without improvement (poly/cosine set the learning rate per step instead), best.pt when the mean
 validation Dice improves, a row in metrics.csv (epoch: the round's number, step: optimizer steps
@@ -14,7 +14,7 @@ best.pt, the learning-rate schedule and early stopping follow it, and metrics.cs
 columns.
 Steps with a NaN/Inf loss or gradient are skipped; SIGINT/SIGTERM end the run after the current
 step with last.pt written, so `main.py --resume RUN_DIR` continues exactly where it stopped.
-Under torchrun (see distributed.py) each rank trains on its shard, validation cases are sharded
+Under torchrun (see runtime/distributed.py) each rank trains on its shard, validation cases are sharded
 and their scores gathered, every stop decision is agreed by all ranks, and rank 0 alone writes.
 """
 import logging
@@ -29,8 +29,9 @@ from tqdm import tqdm
 
 from cases.cache import CaseCache
 from cases.h5 import case_format
-from config import to_dict
+from config import PLANNER, to_dict
 from evaluation.ensemble import evaluate_case
+from planning.report import record_made_steps
 from runtime import distributed
 from runtime.atomic import write_json
 from runtime.checkpoint import restore_rng_states, rng_states, save_checkpoint, save_last, unwrap
@@ -41,7 +42,6 @@ from training.step import train_step
 from transforms.regions import task_regions
 
 log = logging.getLogger(__name__)
-VAL_SHARE = 0.10  # refit_steps keeps validation to this share of the time left (plan.VAL_SHARE of the budget)
 
 # metrics.csv columns: epoch, step, train_loss, val_loss, val_dice_<region> per region of data.task
 # (val_dice_wt/tc/et for BraTS, val_dice_tumour for binary), lr, seconds: the keys of a history row.
@@ -104,12 +104,12 @@ def train_round(run, train_set, position, stop):
 def validate(run, paths, cache):
     """(val_loss, {region: mean Dice}) over the validation cases `paths`, or None without cases.
 
-    Each case is predicted, postprocessed and scored at its native grid by scoring.evaluate_case,
-    as evaluate.py scores a test case (every eval.* key applies; no HD95); Dice comes from the
+    Each case is predicted, postprocessed and scored at its native grid by
+    evaluation/ensemble.evaluate_case, as evaluate.py scores a test case (every eval.* key applies; no HD95); Dice comes from the
     case's voxel counts and is averaged over cases (slices mode: a case is a patient). val_loss is
     run.loss_fn on the case's native-grid probabilities (as logits, clamped at 1e-6) against its
     regions, averaged over cases. Under DDP each rank scores cases rank, rank + world, ... read
-    through `cache` (a scoring.CaseCache) and the per-case figures are gathered, so every rank
+    through `cache` (a cases/cache.CaseCache) and the per-case figures are gathered, so every rank
     returns the same figures."""
     if not paths:
         return None
@@ -151,7 +151,7 @@ def refit_steps(run, steps, train_seconds, val_seconds):
     (`steps` optimizer steps in `train_seconds`, then a validation of `val_seconds`).
 
     The plan counted steps from a few seconds of timing before training, and the pace drifts as
-    the machine's load does: a busy first round once planned 40% too few steps. After every round
+    the machine's load does. After every round
     the steps left become what the rest of train.max_minutes buys at the last round's pace, keeping
     the number of validation rounds left, so the schedule reaches its end when the budget does.
     The new values go into run.cfg, which every checkpoint saves, so a resumed run keeps them."""
@@ -161,7 +161,7 @@ def refit_steps(run, steps, train_seconds, val_seconds):
         return
     remaining = tc.max_minutes * 60 - (time.time() - run.started)
     # near the end keep validation to its share of what is left, not to the planned number of rounds
-    rounds_left = min(rounds_left, max(1, int(VAL_SHARE * remaining / max(val_seconds, 1e-6))))
+    rounds_left = min(rounds_left, max(1, int(PLANNER.val_share * remaining / max(val_seconds, 1e-6))))
     per_step = train_seconds / max(steps, 1)
     seconds_left = remaining - rounds_left * val_seconds
     total = run.step + max(int(seconds_left / per_step), rounds_left)
@@ -210,7 +210,7 @@ def new_progress(epoch=1):
 def epoch_loader(run, train_set, epoch, skip_batches):
     """This rank's training batches of an epoch, skipping those a resumed partial epoch took."""
     train_set.set_epoch(epoch)
-    return make_loader(train_set, run.cfg.train.batch_size, True,
+    return make_loader(train_set, run.cfg.train.batch_size,
                        num_workers=loader_workers(run.cfg.data.num_workers, run.device), seed=run.cfg.train.seed,
                        epoch=epoch, pin_memory=run.device.type == "cuda", skip_batches=skip_batches)
 
@@ -239,7 +239,7 @@ def fit(run, train_set, val_paths, run_dir, resume=None):
     """Train until train.epochs, early stopping (plateau schedule), train.max_steps, train.max_minutes
     (counted from run.started) or a stop signal, validating each epoch or every train.val_every steps.
 
-    `run` is a step.Run (step.make_run), `val_paths` the validation case files, `resume` a loaded
+    `run` is a training.step.Run (training.step.make_run), `val_paths` the validation case files, `resume` a loaded
     checkpoint to continue. Returns (path of best.pt, the signal number that stopped training or
     None). Under torchrun `run.model` is DDP-wrapped and every rank calls fit; rank 0 writes."""
     history, position = restore_state(run, resume) if resume else ([], new_progress())
@@ -271,6 +271,8 @@ def fit(run, train_set, val_paths, run_dir, resume=None):
                 write_outputs(run, run_dir, history, position, improved)
             if reason == "end" or should_stop(run):
                 break
+    if distributed.is_main():  # a planned run's plan.json says how many of its steps were made
+        record_made_steps(run_dir, run.step)
     distributed.barrier()  # best.pt is on disk before any rank goes on to evaluate it
     return os.path.join(run_dir, "best.pt"), None
 

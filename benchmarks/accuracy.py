@@ -4,7 +4,7 @@
                     [--work DIR] [--out FILE] [--section.key VALUE ...]
 
 A test set of about 30% of the patients (chosen by data.split_seed; two scans of a patient are
-never split, see patients.py) is held out, or with --folds N the patients are dealt into N folds
+never split, see cases/patients.py) is held out, or with --folds N the patients are dealt into N folds
 and each fold is the test set once (leave-one-out when N is the number of patients). Each recipe
 trains with main.py in its own process (same cases, same budget, memory freed between runs) on
 the other cases, with data.val_fraction of them for validation and postprocessing, then
@@ -107,7 +107,7 @@ def train_and_test(overrides, train_dir, test_dir, run_dir):
         return list(csv.DictReader(f)), minutes
 
 
-def summarise(rows, minutes):
+def summarise_recipe(rows, minutes):
     """Means over the test cases of Dice and HD95 per region, and the minutes of every run."""
     mean = {metric: {r: float(np.mean([float(row[f"{r}_{metric}"]) for row in rows])) for r in REGIONS}
             for metric in ("dice", "hd95")}
@@ -115,7 +115,7 @@ def summarise(rows, minutes):
             "per_case": rows}
 
 
-def format_table(results):
+def format_recipe_table(results):
     lines = [f"{'recipe':<12}{'Dice WT':>9}{'TC':>7}{'ET':>7}{'HD95 WT':>10}{'TC':>7}{'ET':>7}{'cases':>7}{'minutes':>9}"]
     for name, r in results.items():
         lines.append(f"{name:<12}" + "".join(f"{r['dice'][g]:>{w}.3f}" for g, w in zip(REGIONS, (9, 7, 7)))
@@ -124,7 +124,7 @@ def format_table(results):
     return "\n".join(lines)
 
 
-def run(pairs, recipes, folds, work):
+def run_recipes(pairs, recipes, folds, work):
     """Every recipe on every fold; returns the accuracy.json content."""
     cfg = check(build_config(pairs))
     if cfg.data.task != "brats":
@@ -152,7 +152,7 @@ def run(pairs, recipes, folds, work):
             minutes[name].append(round(used, 2))
     return {"data_dir": os.path.abspath(cfg.data.dir), "max_minutes": cfg.train.max_minutes, "folds": folds,
             "split_seed": cfg.data.split_seed, "test_sets": tests, "overrides": passed,
-            "recipes": {name: {"keys": RECIPES[name], **summarise(rows[name], minutes[name])} for name in recipes}}
+            "recipes": {name: {"keys": RECIPES[name], **summarise_recipe(rows[name], minutes[name])} for name in recipes}}
 
 
 def main(argv=None):
@@ -168,12 +168,12 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     work = os.path.abspath(args.work)
     try:
-        result = run(pairs, list(dict.fromkeys(args.recipe or RECIPES)), args.folds, work)
+        result = run_recipes(pairs, list(dict.fromkeys(args.recipe or RECIPES)), args.folds, work)
     except (DataError, KeyError, ValueError, RuntimeError) as err:
         sys.exit(f"error: {err.args[0] if isinstance(err, KeyError) else err}")
     out = args.out or os.path.join(work, "accuracy.json")
     write_json(out, result)
-    print(format_table(result["recipes"]))
+    print(format_recipe_table(result["recipes"]))
     print(f"runs in {work}; figures in {out}")
     return result
 

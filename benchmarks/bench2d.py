@@ -3,12 +3,12 @@
     python bench.py --2d --preset lgg2d --data.dir DIR [--steps 20] [--val-cases 3] [--threads 2] [--data.* ...]
 
 `time_2d_epoch(cfg, steps, val_cases)` builds what main.py builds (split, training set, model, loss,
-step.make_run) and times, apart:
+training.step.make_run) and times, apart:
   prepare     reading each training case and preparing it (z-score, resize), once per case: the first
               epoch's cost while the cases fit in data.cache_gb, every epoch's otherwise
   data        `steps` batches drawn through the training DataLoader from prepared cases (slice
               sampling, 2.5D stacking, augmentation, collation)
-  step        step.train_step on those batches (forward, loss, backward, optimizer)
+  step        training.step.train_step on those batches (forward, loss, backward, optimizer)
   validation  train.validate on `val_cases` validation cases (prediction at the training size,
               resizing back, scoring), with the cases already in memory, as from the second epoch on
 and extrapolates one epoch: len(training set) / train.batch_size steps, every validation case.
@@ -20,7 +20,6 @@ bench.py can call it to report the 2D step.
 import logging
 import math
 import sys
-import time
 
 import torch
 
@@ -33,6 +32,7 @@ from losses import DiceBCELoss
 from model import build_model
 from overrides import split_args
 from runtime.device import resolve_device
+from runtime.timing import timed
 from train import validate
 from training.loaders import make_loader
 from training.step import make_run, train_step
@@ -48,23 +48,16 @@ def split_paths(cfg):
     return {part: [by_id[c] for c in ids] for part, ids in split.items()}
 
 
-def timed(fn, *args):
-    """(fn(*args), wall seconds, CPU seconds of this process)."""
-    wall, cpu = time.perf_counter(), time.process_time()
-    result = fn(*args)
-    return result, time.perf_counter() - wall, time.process_time() - cpu
-
-
 def time_train_steps(run, train_set, steps):
     """({"data", "step"}: [wall, cpu] seconds, steps taken) over `steps` batches of epoch 1."""
     run.model.train()
-    batches = iter(make_loader(train_set, run.cfg.train.batch_size, True, seed=run.cfg.train.seed, epoch=1))
+    batches = iter(make_loader(train_set, run.cfg.train.batch_size, seed=run.cfg.train.seed, epoch=1))
     spent = {"data": [0.0, 0.0], "step": [0.0, 0.0]}
     for taken in range(steps):
         batch, *data_s = timed(next, batches, None)
         if batch is None:
             return spent, taken
-        _, *step_s = timed(train_step, run, batch)
+        _, *step_s = timed(train_step, run, batch, device=run.device)
         for part, seconds in (("data", data_s), ("step", step_s)):
             spent[part] = [a + b for a, b in zip(spent[part], seconds)]
     return spent, steps
@@ -77,7 +70,7 @@ def time_2d_epoch(cfg, steps=20, val_cases=3, device=None):
         raise ValueError(f"data.mode {cfg.data.mode}: bench2d times the 2D (slices mode) path; use bench.py")
     device = device or resolve_device(cfg.train.device)
     paths = split_paths(cfg)
-    train_set = build_dataset(cfg.data, paths["train"], True, cfg.train.seed)
+    train_set = build_dataset(cfg.data, paths["train"], seed=cfg.train.seed)
     prepare = [sum(t) for t in zip(*(timed(train_set.prepared, i)[1:] for i in range(len(paths["train"]))))]
     torch.manual_seed(cfg.train.seed)
     run = make_run(cfg, build_model(cfg.model).to(device), DiceBCELoss(cfg.train.dice_weight, cfg.train.bce_weight),

@@ -12,7 +12,8 @@ from model import build_model
 from runtime.precision import autocast, autocast_dtype
 from transforms.normalise import zscore_brain
 
-BRAIN_EXTENT = (0.71, 0.58, 0.88)  # the median brain box of the ten real BraTS cases here (171 x 138 x 137
+# The median brain box of the ten real BraTS cases here: 171 x 138 x 137 voxels of 240 x 240 x 155
+BRAIN_EXTENT = (0.71, 0.58, 0.88)
 
 
 def bench_scan(channels, case_shape, seed=0):
@@ -38,7 +39,7 @@ def predicted_shape(cfg, scan):
 
 
 def bench_inference(cfg, device, case_shape, repeats, crop=None):
-    """Seconds to predict one scan (bench_scan; inference.predict_patches: crop, normalise, window,
+    """Seconds to predict one scan (bench_scan; evaluation.inference.predict_patches: crop, normalise, window,
     sigmoid), without and with mirror TTA. With a `crop` size, both are timed as a sliding window
     over a crop of the brain and scaled by the count of windows the whole prediction takes."""
     mc, ev, tc = cfg.model, cfg.eval, cfg.train
@@ -61,7 +62,7 @@ def bench_inference(cfg, device, case_shape, repeats, crop=None):
         image = scan[(slice(None), *centre)]
         scale = windows / count_windows(image.shape[1:], window, ev.overlap)
         times = {m: interleaved({"case": lambda m=m: sliding_window(predictor, image, window, ev.overlap, per_pass,
-                                                                    ev.gaussian, m, device)},
+                                                                    gaussian=ev.gaussian, mirror=m, device=device)},
                                 device, repeats if not m else 1, warmup=0)["case"] * scale for m in (False, True)}
     return {"infer_case_s": times[False], "infer_case_mirror_s": times[True], "infer_windows": windows,
             "infer_windows_whole_scan": count_windows(case_shape, window, ev.overlap),
@@ -88,7 +89,7 @@ def compare_monai_inference(cfg, device, case_shape, repeats):
                                             overlap=ev.overlap, mode="gaussian" if ev.gaussian else "constant")
     infer = interleaved({"ours": lambda: predict_patches(plain, scan, cfg, device, amp_dtype, spacing),
                          "windows": lambda: sliding_window(predictor, image, window, ev.overlap, per_pass,
-                                                           ev.gaussian, False, device),
+                                                           gaussian=ev.gaussian, device=device),
                          "monai": theirs}, device, repeats, warmup=0)
     return {"monai_infer_s": infer["monai"], "monai_infer_ours_s": infer["ours"],
             "vs_monai_infer": infer["ours"] / infer["monai"], "monai_windows_ours_s": infer["windows"],

@@ -1,4 +1,4 @@
-"""Where a training step's time goes: torch.profiler over step.train_step, grouped by operator kind.
+"""Where a training step's time goes: torch.profiler over training/step.train_step, grouped by operator kind.
 
     python bench.py --profile [--quick]
 

@@ -6,26 +6,13 @@ ceiling of the precision it runs in says how much of the machine it uses.
 """
 import os
 import statistics
-import time
 
 import torch
 
 from runtime.precision import cpu_has_fast_bf16
+from runtime.timing import timed
 
 ALLOCATOR_ENV = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX", "LD_PRELOAD")
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device):
-    sync(device)
-    start = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - start
 
 
 def interleaved(fns, device, repeats, warmup=1):
@@ -36,7 +23,7 @@ def interleaved(fns, device, repeats, warmup=1):
     times = {name: [] for name in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            times[name].append(timed(fn, device))
+            times[name].append(timed(fn, device=device)[1])
     return {name: statistics.median(t) for name, t in times.items()}
 
 

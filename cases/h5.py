@@ -29,8 +29,8 @@ from transforms.normalise import brain_stats
 BRATS_LABELS = (0, 1, 2, 4)
 MODALITIES = ("flair", "t1", "t1ce", "t2")
 # (1, 32, 32, 32) chunks, gzip level 1 after a byte shuffle: on real BraTS cases this read a random
-# 128^3 patch faster than lzf or 64^3 / (C, 32^3) chunks, in the smallest files (7-10x under raw);
-# gzip also opens in any HDF5 tool, lzf only through h5py. Numbers in docs/data.md.
+# 128^3 patch faster than lzf or 64^3 / (C, 32^3) chunks, in files about as small as any (7-10x under
+# raw); gzip also opens in any HDF5 tool, lzf only through h5py. Numbers in docs/data.md.
 CHUNK = 32
 COMPRESSION = {"compression": "gzip", "compression_opts": 1, "shuffle": True}
 

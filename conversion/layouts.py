@@ -4,10 +4,10 @@ Every layout has a `find_*` (source folder -> [(case_id, source)], a DataError w
 and a `read_*` (one source -> Case: image float32 (C, D, H, W), mask uint8 in BraTS 2018-21 labels
 or None, spacing in (D, H, W) order, attrs for write_case). They are pure: nothing is written here.
 
-  brats          BraTS NIfTI case folders: nifti.py (find_brats, read_brats), built on the helpers here
+  brats          BraTS NIfTI case folders: conversion/nifti.py (find_brats, read_brats), built on the helpers here
   kaggle-slices  volume_<v>_slice_<s>.h5: image (240, 240, 4) float64, mask (240, 240, 3) one-hot NCR/ED/ET
   lgg            kaggle_3m/<patient>/<patient>_<n>.tif (256, 256, 3) + <patient>_<n>_mask.tif (0 or 255)
-  h5             any per-case .h5 files, read through cases.read_case with a CaseFormat
+  h5             any per-case .h5 files, read through cases.h5.read_case with a CaseFormat
 
 Shared here: the brain crop (crop_case), the image and label checks, the optional-import hint (require).
 """

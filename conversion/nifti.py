@@ -7,8 +7,8 @@
 Case folders may sit directly in the source folder (BraTS 2021/2023) or deeper (2018's HGG/ and
 LGG/). The modalities of a case must be co-registered: the same shape and the same affine (a T1
 shifted by 50 mm would otherwise be stacked silently onto the FLAIR). NIfTI arrays (X, Y, Z) are
-transposed to (Z, Y, X), as cases.py documents; `cases.to_original_grid` undoes the crop and the
-transpose so a prediction can be written back with the source affine.
+transposed to (Z, Y, X), as cases/h5.py documents; `cases.geometry.to_original_grid` undoes the crop
+and the transpose so a prediction can be written back with the source affine.
 """
 import glob
 import logging

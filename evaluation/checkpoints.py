@@ -1,4 +1,9 @@
-"""Trained models loaded for prediction: one checkpoint, a run folder or every fold of one."""
+"""Loading every checkpoint that evaluation and prediction use, a single model included: a -c /
+--checkpoint argument names a file, a run folder's best.pt, or every fold_<i>/best.pt of a
+cross-validation run, and each checkpoint becomes a Member rebuilt from its own stored config
+(with the postprocessing chosen after training and the prediction-time overrides). Averaging
+several members' probabilities is ensemble.py's.
+"""
 import os
 import re
 from dataclasses import dataclass

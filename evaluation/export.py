@@ -1,7 +1,7 @@
 """Writing predictions for people and other tools: label maps, probabilities and overlay PNGs.
 
 A case that came from NIfTI (attrs has an affine) gets `<case>.nii.gz`: uint8 BraTS labels
-(1 necrosis, 2 edema, 4 or eval.enhancing_label enhancing) un-cropped to the source grid, in
+(1 necrosis, 2 edema, enhancing as `enhancing_label` says) un-cropped to the source grid, in
 the source's axis order, with the source affine, so it lies exactly on the source `_seg.nii.gz`.
 Any other case gets `<case>.h5` with a uint8 dataset 'mask' on the case's stored grid (un-cropped
 when the case records a crop box). Probabilities go to `<case>_probabilities.npz` (float16
@@ -10,8 +10,9 @@ the most tumour, ground truth and prediction contours per region. Every file is 
 A binary task (one region, e.g. Kaggle LGG) writes label 1 where tumour is predicted; a case
 converted from the Kaggle LGG TIFFs (attrs source_format "lgg-tiff") also gets the dataset's own
 layout, `<patient>/<patient>_<n>_pred.tif` (uint8 0/255 per source slice, see save_lgg_tiffs).
-The label map is postprocess.to_label_map of the scored regions (scoring.evaluate_case's `pred`,
-already the regions of the postprocessed map), so the file is exactly what was scored.
+The label map is postprocess.to_label_map of the scored regions (scoring.score_probabilities'
+`pred`, already the regions of the postprocessed map), so the file is exactly what was scored.
+Every writer of label maps (evaluate.py, predict.py) labels enhancing tumour with `enhancing_label`.
 """
 import gzip
 import io
@@ -22,12 +23,33 @@ import h5py
 import numpy as np
 
 from cases.geometry import to_original_grid
-from evaluation.postprocess import to_label_map
+from cases.patients import BRATS_2023_NAME
+from evaluation.postprocess import ENHANCING, to_label_map
 from runtime.atomic import atomic_path
 from transforms.regions import REGIONS, labels_to_regions
 
 log = logging.getLogger(__name__)
 REGION_COLOURS = {"WT": "#2ca02c", "TC": "#ffbf00", "ET": "#d62728", "tumour": "#2ca02c"}
+# Enhancing tumour's label in each BraTS label convention (conversion/nifti.py's SEG_LABELS). The
+# 2024+ data keep the 2023 names and labels, and use 4 for the resection cavity, so 4 must not
+# be written for ET there.
+ENHANCING_LABEL = {"2018": 4, "2023": 3}
+
+
+def label_convention(case):
+    """'2018' or '2023': the BraTS label convention of a case as its conversion recorded it (attrs
+    label_convention, from the source file names), else '2023' for a BraTS 2023+ case name
+    (BraTS-GLI-00000-000); None when neither says."""
+    recorded = case.attrs.get("label_convention")
+    if recorded:
+        return str(recorded)
+    return "2023" if BRATS_2023_NAME.match(case.case_id) else None
+
+
+def enhancing_label(case, default=ENHANCING):
+    """The label a written map gives enhancing tumour: that of the case's own convention, or
+    `default` (eval.enhancing_label) for a case whose convention is unknown."""
+    return ENHANCING_LABEL.get(label_convention(case), default)
 
 
 def write_nifti(path, data, affine):
@@ -126,19 +148,20 @@ def save_overlay(path, flair, pred_regions, truth_regions=None, title="", region
     return path
 
 
-def export_case(out_dir, case, pred_regions, probs=None, enhancing_label=4, predictions=True, overlay=True,
-                regions=REGIONS):
+def export_case(out_dir, case, pred_regions, *, probs=None, default_enhancing=ENHANCING, predictions=True,
+                overlay=True, regions=REGIONS):
     """Every requested output of one predicted case; returns the paths written.
 
     case: cases.Case (mask may be None); pred_regions: boolean (R, D, H, W) on the stored grid, one
     channel per entry of `regions` ({name: labels}, the task's regions): the scored regions
-    (scoring.evaluate_case's `pred`), whose label map is the one written.
+    (scoring.score_probabilities' `pred`), whose label map is the one written, enhancing tumour
+    labelled as the case's convention says (`enhancing_label`; `default_enhancing` when unknown).
     """
     written = []
     if predictions:
         folder = os.path.join(out_dir, "predictions")
         task = "binary" if len(regions) == 1 else "brats"   # the two tasks of config.TASK_REGIONS
-        labels = to_label_map(pred_regions, task, enhancing_label)
+        labels = to_label_map(pred_regions, task, enhancing_label(case, default_enhancing))
         written.append(save_label_map(folder, case.case_id, labels, case.attrs, case.spacing))
         if case.attrs.get("source_format") == "lgg-tiff":
             written += save_lgg_tiffs(folder, case.case_id, labels, case.attrs)

@@ -72,7 +72,7 @@ def _predict_batch(predictor, batch, flips, device):
 
 
 @torch.no_grad()
-def sliding_window(predictor, image, window, overlap=0.5, batch_size=2, gaussian=True, mirror=False,
+def sliding_window(predictor, image, window, overlap=0.5, batch_size=2, *, gaussian=True, mirror=False,
                    device=None):
     """Predict a whole volume (C, *spatial) window by window with `predictor`.
 
@@ -128,7 +128,8 @@ def predict_case(model, image, cfg, device, amp_dtype=None, spacing=None):
         return predict_patches(model, image, cfg, device, amp_dtype, spacing)
     if cfg.data.mode == "slices":
         return predict_slices(model_predictor(model, device, amp_dtype), image, tuple(cfg.data.image_size)[-2:],
-                              cfg.eval.batch_size, cfg.eval.mirror, device, cfg.data.slice_context)
+                              cfg.eval.batch_size, mirror=cfg.eval.mirror, device=device,
+                              context=cfg.data.slice_context)
     native = tuple(image.shape[1:])
     x = resize_image(zscore_brain(image), tuple(cfg.data.image_size))[None].to(device)
     logits = _predict_batch(model_predictor(model, device, amp_dtype), x, _flips(len(native), cfg.eval.mirror),
@@ -160,7 +161,8 @@ def predict_patches(model, image, cfg, device, amp_dtype, spacing):
     if target is not None:
         image = resample_image(image, spacing, target)
     logits = sliding_window(model_predictor(model, device, amp_dtype), image, tuple(cfg.data.patch_size),
-                            ev.overlap, windows_per_pass(ev, device), ev.gaussian, ev.mirror, device)
+                            ev.overlap, windows_per_pass(ev, device), gaussian=ev.gaussian, mirror=ev.mirror,
+                            device=device)
     probs = torch.sigmoid(logits)
     probs = probs if target is None else resample_back(probs.cpu(), cropped)
     if box is None or cropped == native:
@@ -170,12 +172,12 @@ def predict_patches(model, image, cfg, device, amp_dtype, spacing):
 
 
 @torch.no_grad()
-def predict_slices(predictor, image, size, batch_size=16, mirror=False, device=None, context=0):
+def predict_slices(predictor, image, size, batch_size=16, *, mirror=False, device=None, context=0):
     """Probabilities (R, D, H, W) of a raw volume (C, D, H, W), slice by slice with a 2D predictor.
 
     The volume is z-scored over its whole brain (as in training), each slice resized to `size`
     (h, w), stacked with `context` neighbours on each side as the training samples are
-    (transforms.slice_with_context), predicted `batch_size` slices at a time, and the
+    (transforms.context.slice_with_context), predicted `batch_size` slices at a time, and the
     probabilities resized back to the native (H, W), so scores are counted on the source pixels.
     """
     image = zscore_brain(image)

@@ -14,16 +14,20 @@ Follows the official scorer (rachitsaluja/BraTS-2023-Metrics, `get_lesion_wise_s
   same limit for WT, TC and ET; a predicted component matched to one of them is no false positive;
 - predicted components that match no truth lesion are false positives whatever their size, each
   adding Dice 0 and HD95 374 mm; a missed truth lesion gets Dice 0 and HD95 374 mm;
+- a lesion's HD95 is the official one (surface-distance's `compute_robust_hausdorff(..., 95)`):
+  the larger of the two one-way 95th percentiles, truth to prediction and prediction to truth,
+  not the 95th percentile of both directions pooled that `metrics.hd95` (medpy, panoptica) takes;
 - lesion-wise Dice = sum of lesion Dice / (kept truth lesions + false positives), HD95 likewise;
   nothing to average (both empty, or only ignored lesions and no false positive) -> Dice 1, HD95 0.
 Other BraTS 2023 challenges differ only in the parameters (MEN: 1 dilation; MET: 1 dilation and
-2 mm^3). Distances come from `metrics.hd95` (the project's HD95, also used for the legacy scores),
-not from the official scorer's surface-distance package, so HD95 may differ from it slightly.
+2 mm^3). The one-way distances are the project's (`metrics.surface_distances`: face-connected
+surface voxels, percentiles interpolated linearly), not the surface-distance package's, which
+weighs each surface element by its area: on a lesion's HD95 that can differ by a fraction of a voxel.
 """
 import numpy as np
 from scipy import ndimage
 
-from evaluation.metrics import hd95
+from evaluation.metrics import surface_distances
 
 CONNECTIVITY = 26           # neighbours that join voxels into one component (truth and prediction)
 DILATION_CONNECTIVITY = 2   # dilation element: generate_binary_structure(3, 2), the 18-neighbourhood
@@ -44,6 +48,8 @@ def scoring_parameters():
             "dilation": {"iterations": DILATION_ITERATIONS,
                          "neighbourhood": {1: 6, 2: 18, 3: 26}[DILATION_CONNECTIVITY]},
             "min_lesion_mm3": MIN_LESION_MM3, "max_hd95_mm": MAX_HD95,
+            "hd95": "per lesion, the larger of the two one-way 95th percentiles of the surface distances "
+                    "(surface-distance's compute_robust_hausdorff, as the BraTS 2023 code)",
             "averages": "lesion_dice, lesion_hd95: mean over cases of each case's lesion-wise figure; "
                         "gt_lesions, matched_lesions, fp_lesions: summed over cases"}
 
@@ -69,12 +75,19 @@ def matched_components(lesion, pred_components, box, iterations=DILATION_ITERATI
     return hits[hits > 0]
 
 
+def robust_hd95(pred, truth, spacing):
+    """The BraTS 2023 per-lesion HD95 of two non-empty masks, in mm: the larger of the two one-way
+    95th percentiles of the surface distances."""
+    to_truth, to_pred = surface_distances(pred, truth, spacing)
+    return float(max(np.percentile(to_truth, 95), np.percentile(to_pred, 95)))
+
+
 def lesion_dice_hd95(found, lesion, spacing):
     """Dice and HD95 of one truth lesion against the predicted components it matched (`found`)."""
     if not found.any():
         return 0.0, MAX_HD95
     dice = 2 * np.count_nonzero(found & lesion) / (np.count_nonzero(found) + np.count_nonzero(lesion))
-    return dice, hd95(found, lesion, spacing)
+    return dice, robust_hd95(found, lesion, spacing)
 
 
 def _check(pred, truth, region):

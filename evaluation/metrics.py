@@ -46,20 +46,28 @@ def _union_box(a, b, margin=1):
     return tuple(box)
 
 
-def hd95(pred, truth, spacing=None):
-    """95th percentile of the symmetric surface distances, in mm (spacing per axis)."""
+def surface_distances(pred, truth, spacing=None):
+    """(distances from each surface voxel of `pred` to the surface of `truth`, and from each of
+    `truth`'s to `pred`'s), in mm (spacing per axis); both masks must hold a voxel."""
     pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
-    if not pred.any() and not truth.any():
-        return 0.0
-    if not pred.any() or not truth.any():
-        return EMPTY_HD95
     spacing = spacing or (1.0,) * pred.ndim
     box = _union_box(pred, truth)
     pred, truth = pred[box], truth[box]
     pred_surface, truth_surface = _surface(pred), _surface(truth)
     to_truth = ndimage.distance_transform_edt(~truth_surface, sampling=spacing)[pred_surface]
     to_pred = ndimage.distance_transform_edt(~pred_surface, sampling=spacing)[truth_surface]
-    return float(np.percentile(np.concatenate([to_truth, to_pred]), 95))
+    return to_truth, to_pred
+
+
+def hd95(pred, truth, spacing=None):
+    """95th percentile of the symmetric surface distances, both directions pooled (as medpy and
+    panoptica, the current official BraTS scorer, compute it), in mm (spacing per axis)."""
+    pred, truth = np.asarray(pred, bool), np.asarray(truth, bool)
+    if not pred.any() and not truth.any():
+        return 0.0
+    if not pred.any() or not truth.any():
+        return EMPTY_HD95
+    return float(np.percentile(np.concatenate(surface_distances(pred, truth, spacing)), 95))
 
 
 def score_case(pred_regions, truth_regions, region_names, spacing=None, with_hd95=True):

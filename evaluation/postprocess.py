@@ -4,11 +4,14 @@ The sigmoid channels are thresholded separately, so a predicted ET may lie outsi
 outside WT. The exported file is the label map (WT -> 2, TC -> 1, ET -> 4, the more specific
 region winning), and BraTS scores that file, so evaluation must score the regions of the label map,
 not the raw channels: `label_map_regions` builds the map, postprocesses it in label space and
-returns its regions, nested ET within TC within WT; scoring.evaluate_case scores them (validation
-and evaluation) and export.export_case writes `to_label_map` of them, which is that same map.
+returns its regions, nested ET within TC within WT; `predicted_regions` thresholds probabilities
+and does all that, for scoring.score_probabilities (validation and evaluation) and predict.py;
+export.export_case writes `to_label_map` of them, which is that same map.
 A binary task (one channel) is a 0/1 map.
-The label-space operations, each driven by an eval.* key (0 / false: off): keep_largest_tumour,
-remove_small_tumours, relabel_small_enhancing; postselect.py chooses them on the validation cases.
+The label-space operations, each driven by eval.* keys (0 / false: off): keep_largest_tumour,
+remove_small_tumours, remove_unsure_tumours (the only one that reads the probabilities: it removes a
+small component only when the network was unsure of it), relabel_small_enhancing; postselect.py
+chooses among them on the validation cases.
 """
 import numpy as np
 from scipy import ndimage
@@ -43,7 +46,7 @@ def relabel_small_enhancing(labels, min_voxels, enhancing_label=ENHANCING):
 
 def keep_largest_tumour(labels):
     """Only the largest face-connected component of the whole tumour (labels > 0), with its labels
-    (mateuszbuda's LGG rule; for one region the same as keep_largest_component); a new map."""
+    (mateuszbuda's LGG rule, applied to every region at once); a new map."""
     components, count = ndimage.label(np.asarray(labels) > 0)
     if count <= 1:
         return np.array(labels)
@@ -66,20 +69,70 @@ def remove_small_tumours(labels, min_voxels):
     return labels
 
 
-def postprocess_labels(labels, task, eval_cfg):
+def tumour_probability(probs):
+    """(*spatial) probability that each voxel is tumour: the largest of its region probabilities
+    (R, *spatial; numpy, or a tensor on any device), since a voxel is tumour in the label map when
+    any region passes the threshold."""
+    if hasattr(probs, "detach"):
+        return probs.detach().amax(0).float().cpu().numpy()
+    return np.asarray(probs, np.float32).max(0)
+
+
+def remove_unsure_tumours(labels, probs, max_voxels, min_peak):
+    """Clear, with all its labels, every tumour component (labels > 0) that is both smaller than
+    `max_voxels` voxels and whose peak tumour probability (tumour_probability of the region
+    probabilities `probs`) stays below `min_peak`: a component the network is sure of somewhere, or
+    a large one, is always kept. Components are 26-connected, so a fragment touching the tumour at
+    an edge or corner is judged with it, not alone (and a component is what BraTS 2023's lesion-wise
+    scoring calls a lesion). Either figure at 0 keeps everything. Returns a new map."""
+    labels = np.array(labels)
+    if max_voxels <= 0 or min_peak <= 0:
+        return labels
+    if probs is None:
+        raise ValueError("eval.unsure_component_voxels needs the region probabilities: pass probs")
+    tumour = tumour_probability(probs)
+    if tumour.shape != labels.shape:
+        raise ValueError(f"probabilities of shape {tumour.shape} do not match the label map's {labels.shape}")
+    components, count = ndimage.label(labels > 0, structure=np.ones((3,) * labels.ndim))
+    if count == 0:
+        return labels
+    index = np.arange(1, count + 1)
+    sizes = np.bincount(components.ravel(), minlength=count + 1)[1:]
+    peaks = np.asarray(ndimage.maximum(tumour, components, index))
+    labels[np.isin(components, index[(sizes < max_voxels) & (peaks < min_peak)])] = 0
+    return labels
+
+
+def postprocess_labels(labels, task, eval_cfg, probs=None):
     """The configured postprocessing of a label map with the project's labels (ET = 4): tumour
-    components first (eval.largest_component, eval.min_component_voxels), so the ET rule
-    (eval.postprocess_et_min) counts only the enhancing tumour that is kept."""
+    components first (eval.largest_component, eval.min_component_voxels, then
+    eval.unsure_component_voxels with eval.unsure_component_peak, which reads the region
+    probabilities `probs`), so the ET rule (eval.postprocess_et_min) counts only the enhancing
+    tumour that is kept."""
     if eval_cfg.largest_component:
         labels = keep_largest_tumour(labels)
     labels = remove_small_tumours(labels, eval_cfg.min_component_voxels)
+    labels = remove_unsure_tumours(labels, probs, eval_cfg.unsure_component_voxels, eval_cfg.unsure_component_peak)
     if task == "brats":
         labels = relabel_small_enhancing(labels, eval_cfg.postprocess_et_min)
     return labels
 
 
-def label_map_regions(pred_regions, task, eval_cfg):
+def label_map_regions(pred_regions, task, eval_cfg, probs=None):
     """Boolean (R, *spatial) regions of the postprocessed label map of thresholded `pred_regions`:
-    the regions of the exported file (nested for brats), to be scored and exported."""
-    labels = postprocess_labels(to_label_map(pred_regions, task), task, eval_cfg)
+    the regions of the exported file (nested for brats), to be scored and exported. `probs`: the
+    region probabilities they were thresholded from, needed only by eval.unsure_component_voxels."""
+    labels = postprocess_labels(to_label_map(pred_regions, task), task, eval_cfg, probs)
     return labels_to_regions(labels, task_regions(task)).numpy() > 0.5
+
+
+def threshold_regions(probs, eval_cfg):
+    """Region probabilities (R, *spatial), a tensor on any device -> boolean numpy regions above
+    eval.threshold, before any postprocessing."""
+    return (probs > eval_cfg.threshold).cpu().numpy()
+
+
+def predicted_regions(probs, task, eval_cfg):
+    """Region probabilities -> the regions of their postprocessed label map: thresholded at
+    eval.threshold, then label_map_regions. What is scored, exported and written by predict.py."""
+    return label_map_regions(threshold_regions(probs, eval_cfg), task, eval_cfg, probs)

@@ -1,11 +1,14 @@
-"""What a run and an evaluation write for people to read: CSV tables (metrics.csv, per_case.csv),
-the training curves (curves.png), summary.json and the printed summary table. Files are written
-atomically.
+"""What a run and an evaluation write for people to read: CSV tables (metrics.csv, per_case.csv,
+confidence.csv), the training curves (curves.png), summary.json and the printed summary table.
+Files are written atomically.
 """
 import csv
 import io
 import os
 
+import numpy as np
+
+from evaluation.confidence import least_confident, rank_correlation
 from evaluation.lesions import LESION_COUNTS, LESION_KEYS, scoring_parameters
 from evaluation.metrics import METRICS, pool_slice_scores, summarise
 from runtime.atomic import write_json, write_text
@@ -14,6 +17,7 @@ PER_PATIENT = ("per patient: each patient's slices stacked into one volume, voxe
                "IoU from those counts; mean over patients")
 PER_SLICE = ("per slice: Dice and IoU averaged over the slices whose truth holds tumour (tumour-free slices are "
              "not scored; false_positive_slices counts those with any predicted tumour)")
+LEAST_CONFIDENT = 5   # cases summary.json, the printed table and predict.py name as the least confident
 
 
 def write_csv(path, rows):
@@ -26,21 +30,70 @@ def write_csv(path, rows):
 
 
 def write_reports(out_dir, results, split, extra, region_names=("WT", "TC", "ET")):
-    """per_case.csv and summary.json; a binary task's per-case "slices" figures are pooled into
-    summary["per_slice"], lesion-wise figures (lesions.LESION_KEYS, when scored) are averaged
-    except the lesion counts, which are summed, and each figure says how it was computed."""
-    rows = [{"case": cid, **{f"{r}_{m}": "" if v is None else round(v, 5) for r, s in scores.items()
-                             for m, v in s.items()}} for cid, scores in results]
+    """per_case.csv and summary.json from `results`, a list of (case_id, scores, confidence) with
+    confidence None where it was not computed; a binary task's per-case "slices" figures are pooled
+    into summary["per_slice"], lesion-wise figures (lesions.LESION_KEYS, when scored) are averaged
+    except the lesion counts, which are summed, and each figure says how it was computed. The
+    confidence figures are confidence_summary's."""
+    rows = [{"case": cid, "confidence": "" if confidence is None else round(confidence, 5),
+             **{f"{r}_{m}": "" if v is None else round(v, 5) for r, s in scores.items() for m, v in s.items()}}
+            for cid, scores, confidence in results]
     write_csv(os.path.join(out_dir, "per_case.csv"), rows)
+    all_scores = [scores for _, scores, _ in results]
     summary = {"split": split, "cases": len(results), **extra,
-               "regions": summarise([scores for _, scores in results], list(region_names), LESION_COUNTS)}
-    if results and "lesion_dice" in results[0][1].get(region_names[0], {}):
+               "regions": summarise(all_scores, list(region_names), LESION_COUNTS),
+               **confidence_summary(results, region_names)}
+    if results and "lesion_dice" in all_scores[0].get(region_names[0], {}):
         summary["lesion_scoring"] = scoring_parameters()
-    if results and "slices" in results[0][1]:
+    if results and "slices" in all_scores[0]:
         summary["regions_scoring"] = PER_PATIENT
-        summary["per_slice"] = {"scoring": PER_SLICE, **pool_slice_scores([s["slices"] for _, s in results])}
+        summary["per_slice"] = {"scoring": PER_SLICE, **pool_slice_scores([s["slices"] for s in all_scores])}
     write_json(os.path.join(out_dir, "summary.json"), summary)
     return summary
+
+
+def confidence_summary(results, region_names):
+    """{"least_confident": [{"case", "confidence"}], lowest first} over the (case_id, scores,
+    confidence) results that have a confidence, and on labelled ones "confidence_rank_correlation":
+    Spearman's rho between confidence and the true Dice, for the case's mean Dice over regions
+    ("mean_dice") and per region (None with under 3 cases or no spread). {} without confidences."""
+    known = [(cid, scores, c) for cid, scores, c in results if c is not None]
+    if not known:
+        return {}
+    per_case = {cid: c for cid, _, c in known}
+    out = {"least_confident": [{"case": cid, "confidence": round(per_case[cid], 5)}
+                               for cid in least_confident(per_case, LEAST_CONFIDENT)]}
+    if all(scores for _, scores, _ in known):
+        confidence = [c for _, _, c in known]
+        dice = {r: [scores[r]["dice"] for _, scores, _ in known] for r in region_names}
+        out["confidence_rank_correlation"] = {
+            "mean_dice": rank_correlation(confidence, np.mean([dice[r] for r in region_names], axis=0)),
+            **{r: rank_correlation(confidence, dice[r]) for r in region_names}}
+    return out
+
+
+def write_confidence(out_dir, per_case):
+    """confidence.csv (case, confidence) in `out_dir`, one row per case of {case_id: confidence} in
+    its order (nothing is written without cases); returns summary.json's "least_confident" list."""
+    if per_case:
+        write_csv(os.path.join(out_dir, "confidence.csv"),
+                  [{"case": cid, "confidence": round(c, 5)} for cid, c in per_case.items()])
+    return confidence_summary([(cid, {}, c) for cid, c in per_case.items()], ()).get("least_confident", [])
+
+
+def format_confidence(summary):
+    """The printed lines on confidence: the least confident cases and, on labelled data, how well
+    confidence ranks the true Dice."""
+    lines = []
+    if summary.get("least_confident"):
+        lines.append("least confident (no labels needed): "
+                     + ", ".join(f"{c['case']} {c['confidence']:.3f}" for c in summary["least_confident"]))
+    rho = summary.get("confidence_rank_correlation")
+    if rho:
+        figures = ", ".join(f"{k if k != 'mean_dice' else 'mean Dice'} {'n/a' if v is None else f'{v:.2f}'}"
+                            for k, v in rho.items())
+        lines.append(f"confidence against true Dice, Spearman rho: {figures}")
+    return lines
 
 
 def format_table(summary):
@@ -66,4 +119,4 @@ def format_table(summary):
                      + (f"Dice {dice:.4f}, IoU {iou:.4f}" if dice is not None else "none to score"))
         lines.append(f"false-positive slices: {per_slice['false_positive_slices']} of "
                      f"{per_slice['empty_slices']} tumour-free slices have predicted tumour")
-    return "\n".join(lines)
+    return "\n".join(lines + format_confidence(summary))

@@ -1,4 +1,8 @@
-"""Where a step or a prediction runs, and the fast paths its model takes there."""
+"""Where a step or a prediction runs, and the fast paths its model takes there.
+
+Training, evaluation, prediction and the benchmarks all resolve the device here, so a run and an
+evaluation of its checkpoint run alike and the error for a missing GPU is written once.
+"""
 import torch
 
 from runtime.checkpoint import unwrap

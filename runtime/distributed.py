@@ -13,7 +13,6 @@ Rule for callers: a decision that changes control flow (stop training, skip a st
 import logging
 import os
 import sys
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -21,18 +20,6 @@ import torch.distributed as dist
 from runtime.device import resolve_device
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class DistContext:
-    rank: int                 # global rank of this process (0 is the main process: it alone writes files)
-    world_size: int           # number of processes
-    local_rank: int           # rank on this node (picks the GPU)
-    device: torch.device      # the device this process computes on
-
-    @property
-    def is_main(self):
-        return self.rank == 0
 
 
 def active():
@@ -56,16 +43,16 @@ def is_main():
 
 
 def init_from_env(device="auto"):
-    """Join torchrun's process group when WORLD_SIZE > 1; returns a DistContext.
+    """Join torchrun's process group when WORLD_SIZE > 1; returns the device this process computes on.
 
-    `device` is train.device, decided by precision.resolve_device (the single-process callers ask
-    it too, so both agree). Under DDP each process uses GPU LOCAL_RANK (backend NCCL); on CPU the
+    `device` is train.device, decided by runtime/device.resolve_device (the single-process callers
+    ask it too, so both agree). Under DDP each process uses GPU LOCAL_RANK (backend NCCL); on CPU the
     backend is gloo."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
     chosen = resolve_device(device)
     if world <= 1:
-        return DistContext(0, 1, 0, chosen)
+        return chosen
     if not dist.is_available():
         raise RuntimeError("WORLD_SIZE > 1 but this PyTorch build has no torch.distributed")
     use_cuda = chosen.type == "cuda"
@@ -77,11 +64,9 @@ def init_from_env(device="auto"):
     backend = "nccl" if use_cuda else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend)
-    ctx = DistContext(dist.get_rank(), dist.get_world_size(), local,
-                      torch.device("cuda", local) if use_cuda else chosen)
-    if ctx.is_main:
-        log.info("distributed: %d processes, backend %s", ctx.world_size, backend)
-    return ctx
+    if dist.get_rank() == 0:
+        log.info("distributed: %d processes, backend %s", dist.get_world_size(), backend)
+    return torch.device("cuda", local) if use_cuda else chosen
 
 
 def cleanup():

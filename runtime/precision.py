@@ -1,8 +1,7 @@
-"""Where a step or a prediction runs and in what precision: the one place that decides the device,
-the autocast dtype and the fast paths (channels-last memory layout, torch.compile).
+"""In what precision a step or a prediction runs: the one place that decides the autocast dtype.
 
-train, evaluate, bench, inference and distributed all ask here, so a run and an evaluation of its
-checkpoint make the same choice, and the error for a missing GPU is written once.
+Training, evaluation, inference and the benchmarks all ask here, so a run and an evaluation of its
+checkpoint make the same choice. The device and the model's fast paths are chosen in runtime/device.py.
 """
 import torch
 
@@ -13,8 +12,8 @@ def autocast_dtype(device, amp, precision="auto"):
     """The autocast dtype of a training step or a prediction; None runs plain fp32.
 
     "auto": bf16 on GPUs that have it, else fp16 (with a loss scaler); on CPU bf16 only where
-    oneDNN runs it natively (AVX-512/AMX): on an AVX2-only CPU a bf16 step measured 40x slower
-    than fp32, so there "auto" is fp32. amp False means fp32 everywhere.
+    oneDNN runs it natively (AVX-512/AMX): on an AVX2-only CPU bf16 is emulated and a step is many
+    times slower than fp32 (docs/performance.md), so there "auto" is fp32. amp False means fp32 everywhere.
     """
     if precision not in PRECISIONS:
         raise ValueError(f"train.precision {precision!r}: choose one of {PRECISIONS}")

@@ -75,15 +75,15 @@ def test_fast_sliding_window_matches_the_plain_one():
 
 def test_benchmark_runs_end_to_end(tmp_path):
     cfg = tiny_cfg(channels_last=True)
-    out = bench.run(cfg, CPU, quick=True, with_monai=False, case_shape=(20, 24, 18), sides=(16,),
-                    case_sizes=(16, 20), crop=16)
+    out = bench.run_benchmarks(cfg, CPU, quick=True, with_monai=False, case_shape=(20, 24, 18), sides=(16,),
+                               case_sizes=(16, 20), crop=16)
     for key in ("matmul_gflops", "copy_gbps", "step_s", "step_gflops", "step_frac_of_ceiling",
                 "step_frac_of_fp32_ceiling", "voxels_per_s",
                 "loader_samples_per_s", "loader_over_step", "infer_case_s", "infer_case_mirror_s", "peak_rss_mib"):
         assert out[key] > 0, key
     assert [s["size"] for s in out["steps"]] == [[16, 16, 16], [16, 16, 16]]
     assert out["steps"][0]["step_flops"] > 0
-    assert "GFLOP/s" in bench.format_table(out)
+    assert "GFLOP/s" in bench.format_bench_table(out)
     json.dumps(out)  # everything in it can be written to bench.json
 
 

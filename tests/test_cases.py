@@ -48,6 +48,34 @@ def test_other_layouts_read_as_the_project_layout(tmp_path):
     assert case.case_id == "other"
 
 
+@pytest.mark.parametrize("layout", ["first", "last", "first-with-background", "last-with-background"])
+def test_one_hot_masks_read_as_labels_1_2_4(tmp_path, layout):
+    """A one-hot NCR/ED/ET mask (as Kaggle's BraTS slices store it), channel-first or channel-last,
+    with or without a background channel, reads as the label map it encodes (written out by hand)."""
+    labels = np.zeros((5, 6, 7), np.uint8)
+    labels[1:4, 1:5, 1:6] = 2
+    labels[2:4, 2:4, 2:5] = 1
+    labels[2, 2:4, 3:5] = 4
+    channels = [labels == 1, labels == 2, labels == 4]
+    if layout.endswith("background"):
+        channels.insert(0, labels == 0)
+    hot = np.stack(channels).astype(np.uint8)
+    mask = np.moveaxis(hot, 0, -1) if layout.startswith("last") else hot
+    path = write_h5(tmp_path / "hot.h5", image=np.ones((4, 5, 6, 7), np.float32), mask=mask)
+    case = read_case(path)
+    assert case.mask.dtype == np.uint8 and case.mask.shape == (5, 6, 7)
+    np.testing.assert_array_equal(case.mask, labels)
+    assert sorted(np.unique(case.mask).tolist()) == [0, 1, 2, 4]
+
+
+def test_one_hot_masks_with_overlapping_channels_are_refused(tmp_path):
+    hot = np.zeros((3, 5, 6, 7), np.uint8)
+    hot[0, 1:3, 1:3, 1:3] = hot[2, 2:4, 2:4, 2:4] = 1           # NCR and ET share 1 voxel
+    path = write_h5(tmp_path / "overlap.h5", image=np.ones((4, 5, 6, 7), np.float32), mask=hot)
+    with pytest.raises(DataError, match=r"overlap.h5: one-hot mask channels overlap in 1 voxels"):
+        read_case(path)
+
+
 def test_binary_task_refuses_brats_labels_naming_the_file(tmp_path):
     path = write_h5(tmp_path / "p.h5", image=np.ones((4, 5, 5, 5), np.float32), mask=np.full((5, 5, 5), 2, np.uint8))
     with pytest.raises(DataError, match=r"p.h5: mask has label values \[2\] outside \[0, 1\]"):

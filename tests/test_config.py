@@ -140,7 +140,7 @@ def test_the_check_names_a_bad_schedule_or_training_length(pairs, message):
 
 
 def test_explicit_keys_come_from_the_preset_the_config_file_and_the_command_line(tmp_path):
-    from overrides import explicit_keys
+    from config import explicit_keys
     path = tmp_path / "c.json"
     path.write_text(json.dumps({"train": {"lr": 0.01}, "data.spacing": 2}))
     pairs = {"model.base_channels": "8"}
@@ -152,7 +152,7 @@ def test_explicit_keys_come_from_the_preset_the_config_file_and_the_command_line
 
 
 def test_under_a_budget_a_presets_epoch_limit_is_left_to_the_plan(tmp_path):
-    from overrides import explicit_keys
+    from config import explicit_keys
     pairs = {"train.max_minutes": "30"}
     cfg = build_config(pairs, "lgg2d")
     explicit = explicit_keys(cfg, pairs, "lgg2d")

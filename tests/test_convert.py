@@ -21,9 +21,6 @@ from layout_fixtures import (
     write_nifti_case,
 )
 
-nib = pytest.importorskip("nibabel", reason="NIfTI tests need nibabel: pip install -r requirements-extra.txt")
-pytest.importorskip("tifffile", reason="TIFF tests need tifffile: pip install -r requirements-extra.txt")
-
 BRATS18 = os.path.join(ROOT, "..", "shared", "data", "brats18-sample")
 # Voxels per label in the four real cases, from ../shared/data/README.md.
 BRATS18_COUNTS = {"Brats18_2013_3_1": (10430, 67269, 23187), "Brats18_CBICA_ABM_1": (3398, 30215, 6159),
@@ -51,10 +48,21 @@ def channel_means(image):
     return [float(c[c != 0].mean()) for c in image]
 
 
+@pytest.fixture
+def nib():
+    """nibabel, for the tests that write or read NIfTI (the others run without it)."""
+    return pytest.importorskip("nibabel", reason="NIfTI tests need nibabel: pip install -r requirements-extra.txt")
+
+
+@pytest.fixture
+def tifffile():
+    return pytest.importorskip("tifffile", reason="TIFF tests need tifffile: pip install -r requirements-extra.txt")
+
+
 # ----------------------------------------------------------------------------------- BraTS NIfTI
 
 @pytest.mark.parametrize("convention", ["2018", "2023"])
-def test_brats_folder_converts_cropped_transposed_and_in_2018_labels(tmp_path, convention):
+def test_brats_folder_converts_cropped_transposed_and_in_2018_labels(nib, tmp_path, convention):
     folder, image, labels = write_nifti_case(tmp_path / "src" / "HGG", "Case_1", convention=convention)
     assert prepare("brats", tmp_path / "src", tmp_path / "out") == 0
     case = read_case(str(tmp_path / "out" / "Case_1.h5"))
@@ -73,21 +81,21 @@ def test_brats_folder_converts_cropped_transposed_and_in_2018_labels(tmp_path, c
     assert np.array_equal(case.attrs["affine"], AFFINE)
 
 
-def test_brats_lone_seg_file_with_another_name_is_found(tmp_path):
+def test_brats_lone_seg_file_with_another_name_is_found(nib, tmp_path):
     """BraTS20_Training_355 ships its segmentation as W39_1998.09.19_Segm.nii."""
     _, _, labels = write_nifti_case(tmp_path, "BraTS20_Training_355", seg_name="W39_1998.09.19_Segm.nii")
     case = nifti.read_brats(str(tmp_path / "BraTS20_Training_355"))
     assert np.array_equal(to_original_grid(case.mask, case.attrs), labels)
 
 
-def test_brats_validation_case_without_seg_converts_image_only(tmp_path):
+def test_brats_validation_case_without_seg_converts_image_only(nib, tmp_path):
     write_nifti_case(tmp_path / "src", "Val_1", seg_name=None)
     assert prepare("brats", tmp_path / "src", tmp_path / "out") == 0
     with h5py.File(tmp_path / "out" / "Val_1.h5") as f:
         assert "mask" not in f and f["image"].shape[0] == 4
 
 
-def test_rerun_keeps_written_cases_and_interrupted_write_leaves_no_partial_file(tmp_path, monkeypatch):
+def test_rerun_keeps_written_cases_and_interrupted_write_leaves_no_partial_file(nib, tmp_path, monkeypatch):
     for i in range(2):
         write_nifti_case(tmp_path / "src", f"Case_{i}", seed=i)
     sources = nifti.find_brats(str(tmp_path / "src"))
@@ -107,7 +115,7 @@ def test_rerun_keeps_written_cases_and_interrupted_write_leaves_no_partial_file(
     assert (written, kept, skipped) == (1, 1, [])
 
 
-def test_brats_fixture_trains_for_an_epoch(tmp_path):
+def test_brats_fixture_trains_for_an_epoch(nib, tmp_path):
     for i in range(3):
         write_nifti_case(tmp_path / "src", f"Case_{i}", seed=i, convention="2023" if i else "2018")
     assert prepare("brats", tmp_path / "src", tmp_path / "out") == 0
@@ -139,7 +147,7 @@ def test_kaggle_slices_are_cropped_to_the_brain(tmp_path):
 
 # ---------------------------------------------------------------------------------------- LGG
 
-def test_lgg_patients_stack_in_numeric_order_with_binary_labels(tmp_path):
+def test_lgg_patients_stack_in_numeric_order_with_binary_labels(tifffile, tmp_path):
     for i, patient in enumerate(["TCGA_CS_4941_19960909", "TCGA_FG_6692_20020606", "TCGA_HT_7877_19980917"]):
         write_lgg_patient(tmp_path, patient, seed=i)
     assert prepare("lgg", tmp_path, tmp_path / "out") == 0
@@ -172,7 +180,6 @@ def test_generic_h5_converts_to_the_project_layout(tmp_path):
 
 
 def test_synthetic_subcommand_writes_cases(tmp_path):
-    pytest.importorskip("synthetic", reason="synthetic.py comes from the spine issue")
     assert prepare("synthetic", tmp_path / "out", "--cases", "2") == 0
     assert len(os.listdir(tmp_path / "out")) == 2
 
@@ -181,6 +188,7 @@ def test_synthetic_subcommand_writes_cases(tmp_path):
 
 @pytest.fixture(scope="module")
 def brats18(tmp_path_factory):
+    pytest.importorskip("nibabel", reason="reading the real BraTS sample needs nibabel")
     if not os.path.isdir(BRATS18):
         pytest.skip(f"real BraTS sample not found at {BRATS18}")
     out = tmp_path_factory.mktemp("brats18")
@@ -200,7 +208,7 @@ def test_real_brats18_converts_with_known_shapes_labels_and_intensities(brats18)
         assert all(100 < c.max() < 32768 for c in case.image)
 
 
-def test_real_brats18_affine_and_grid_round_trip_exactly(brats18, tmp_path):
+def test_real_brats18_affine_and_grid_round_trip_exactly(brats18, nib, tmp_path):
     case_id = "Brats18_CBICA_ABM_1"
     source = nib.load(os.path.join(BRATS18, case_id, f"{case_id}_seg.nii.gz"))
     case = read_case(os.path.join(brats18, f"{case_id}.h5"))

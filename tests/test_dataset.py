@@ -8,7 +8,7 @@ import torch
 from cases.h5 import write_case
 from cases.splits import list_cases
 from config import DataConfig
-from dataset import CaseDataset, PatchDataset, ResizeDataset, SliceDataset, build_dataset, patch_start
+from dataset import PatchDataset, ResizeDataset, SliceDataset, build_dataset, patch_start
 from transforms.normalise import zscore_brain
 
 
@@ -34,14 +34,12 @@ def small_tumour_case(path, shape=(40, 36, 30), with_attrs=True):
     return image, mask
 
 
-@pytest.mark.parametrize("mode, train, kind, shape", [
-    ("resize", True, ResizeDataset, (8, 8, 8)), ("resize", False, ResizeDataset, (8, 8, 8)),
-    ("patch", True, PatchDataset, (8, 8, 8)), ("patch", False, CaseDataset, (20, 24, 22)),
-    ("slices", True, SliceDataset, (8, 8)), ("slices", False, SliceDataset, (8, 8))])
-def test_build_dataset_serves_the_mode_s_samples(tiny_dataset, mode, train, kind, shape):
+@pytest.mark.parametrize("mode, kind, shape", [
+    ("resize", ResizeDataset, (8, 8, 8)), ("patch", PatchDataset, (8, 8, 8)), ("slices", SliceDataset, (8, 8))])
+def test_build_dataset_serves_the_mode_s_samples(tiny_dataset, mode, kind, shape):
     paths = list_cases(tiny_dataset)[:2]
-    ds = build_dataset(data_cfg(mode=mode, slices_per_case=3), paths, train, seed=0)
-    assert type(ds) is kind and ds.train == train
+    ds = build_dataset(data_cfg(mode=mode, slices_per_case=3), paths, seed=0)
+    assert type(ds) is kind
     sample = ds[len(ds) - 1]
     assert sample["image"].shape == (4, *shape) and sample["target"].shape == (3, *shape)
     assert sample["image"].dtype == sample["target"].dtype == torch.float32
@@ -53,7 +51,7 @@ def test_samples_are_a_pure_function_of_seed_epoch_and_index(tiny_dataset):
     cfg = data_cfg(augment=True, flip_prob=0.5, rotate_prob=1.0)
 
     def image(seed, epoch, index, cache_gb=2.0):
-        ds = ResizeDataset(paths, data_cfg(**{**vars(cfg), "cache_gb": cache_gb}), train=True, seed=seed)
+        ds = ResizeDataset(paths, data_cfg(**{**vars(cfg), "cache_gb": cache_gb}), seed=seed)
         ds.set_epoch(epoch)
         return ds[index]["image"]
     first = image(0, 1, 1)
@@ -63,11 +61,11 @@ def test_samples_are_a_pure_function_of_seed_epoch_and_index(tiny_dataset):
 
 def test_the_cache_keeps_prepared_cases_up_to_cache_gb(tiny_dataset):
     paths = list_cases(tiny_dataset)[:3]
-    ds = ResizeDataset(paths, data_cfg(), train=False)
+    ds = ResizeDataset(paths, data_cfg())
     for index in range(3):
         ds[index]
     assert sorted(ds.cache) == [0, 1, 2] and ds.cached_bytes == 3 * (4 * 4 + 1) * 8 ** 3  # float32 image, uint8 mask
-    one_case = ResizeDataset(paths, data_cfg(cache_gb=ds.cached_bytes / 3 / 2 ** 30), train=False)
+    one_case = ResizeDataset(paths, data_cfg(cache_gb=ds.cached_bytes / 3 / 2 ** 30))
     for index in range(3):
         one_case[index]
     assert list(one_case.cache) == [0]
@@ -109,7 +107,7 @@ def test_no_foreground_means_uniform_patches():
 def test_patch_dataset_serves_normalised_aligned_patches(tmp_path, with_attrs):
     path = str(tmp_path / "case.h5")
     image, mask = small_tumour_case(path, with_attrs=with_attrs)
-    ds = PatchDataset([path], data_cfg(foreground_fraction=1.0, patches_per_case=3), train=True, seed=0)
+    ds = PatchDataset([path], data_cfg(foreground_fraction=1.0, patches_per_case=3), seed=0)
     assert len(ds) == 3
     whole = zscore_brain(image)
     for index in range(len(ds)):
@@ -147,25 +145,13 @@ def test_one_hot_masks_are_refused_in_patch_mode_with_a_clear_error(tmp_path):
         PatchDataset([path], data_cfg())[0]
 
 
-def test_whole_cases_are_z_scored_at_their_native_grid(tiny_dataset):
-    path = list_cases(tiny_dataset)[0]
-    sample = CaseDataset([path], data_cfg(), train=False)[0]
-    with h5py.File(path) as f:
-        image, mask = f["image"][()], f["mask"][()]
-    assert torch.equal(sample["image"], zscore_brain(image))
-    assert torch.equal(sample["target"][0].bool(), torch.from_numpy(mask > 0))
-
-
-def test_slices_train_on_tumour_slices_and_validate_on_every_slice_in_order(tiny_dataset):
+def test_slices_train_on_tumour_slices_of_each_case_in_turn(tiny_dataset):
     paths = list_cases(tiny_dataset)[:2]
     cfg = data_cfg(mode="slices", slices_per_case=4, foreground_fraction=1.0)
-    train = SliceDataset(paths, cfg, train=True, seed=0)
+    train = SliceDataset(paths, cfg, seed=0)
     assert len(train) == 8 and all(train[i]["target"].any() for i in range(len(train)))
-    every = SliceDataset(paths, cfg, train=False)
-    assert len(every) == 40 and [every[i]["case_id"] for i in (0, 19, 20, 39)] == ["case_000"] * 2 + ["case_001"] * 2
-    with h5py.File(paths[1]) as f:
-        tumour = f["mask"][()].reshape(20, -1).any(1)
-    assert [bool(every[20 + z]["target"].any()) for z in range(20)] == tumour.tolist()
+    assert [train[i]["case_id"] for i in range(len(train))] == ["case_000"] * 4 + ["case_001"] * 4
+    assert len(SliceDataset(paths, data_cfg(mode="slices", slices_per_case=0))) == 40  # 0: every slice, 20 a case
 
 
 def test_patches_at_a_coarser_spacing_come_from_the_case_resampled_once(tmp_path):
@@ -174,11 +160,11 @@ def test_patches_at_a_coarser_spacing_come_from_the_case_resampled_once(tmp_path
     image, mask = blob_case(np.random.default_rng(0), (20, 24, 22))
     path = write_case(str(tmp_path / "c.h5"), image, mask, spacing=(1.0, 1.0, 2.0))
     cfg = DataConfig(mode="patch", patch_size=(8, 8, 8), spacing=(2.0, 2.0, 2.0), augment=False)
-    ds = PatchDataset([path], cfg, train=True)
+    ds = PatchDataset([path], cfg)
     sample = ds[0]
     assert sample["image"].shape == (4, 8, 8, 8) and sample["target"].shape == (3, 8, 8, 8)
     resampled, labels, points, _ = ds.cache[0]  # prepared once, kept within data.cache_gb
     assert resampled.shape[1:] == labels.shape == resampled_shape((20, 24, 22), (1, 1, 2), (2, 2, 2)) == (10, 12, 22)
     assert set(labels.unique().tolist()) <= {0, 1, 2, 4} and len(points) == int((labels > 0).sum())
     assert ds.target(0) == (2.0, 2.0, 2.0)
-    assert PatchDataset([path], DataConfig(mode="patch", spacing=(1.0, 1.0, 1.0)), train=True).target(0) is None
+    assert PatchDataset([path], DataConfig(mode="patch", spacing=(1.0, 1.0, 1.0))).target(0) is None

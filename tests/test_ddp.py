@@ -1,5 +1,5 @@
 """torchrun with 2 processes (gloo on CPU): rank 0 alone writes, the checkpoint loads in one process,
-a 2-process evaluation equals a 1-process one, and a DDP run resumes.
+a 2-process evaluation equals a 1-process one, and a resumed DDP run ends as an unbroken one does.
 
 Every torchrun here starts this file as its script: the `__main__` block below installs an audit
 hook that reports each file write under WATCH_DIR with the writing rank, then runs the real script.
@@ -87,12 +87,23 @@ def test_two_process_evaluation_equals_one_process(ddp_run):
     assert open(tmp / "eval2" / "per_case.csv").read() == open(tmp / "eval1" / "per_case.csv").read()
 
 
-def test_ddp_run_resumes(ddp_run):
-    tmp, _, run_dir, _, _ = ddp_run
+def test_ddp_run_resumes_as_if_never_stopped(ddp_run):
+    """2 epochs, then --resume to 3, end exactly where an unbroken 3-epoch DDP run ends: the same
+    metrics.csv rows (but their seconds) and the same weights."""
+    tmp, data, run_dir, _, _ = ddp_run
     out, writes = launch(tmp, "main.py", "--resume", run_dir, "--train.epochs", "3")
     assert {rank for rank, _ in writes} == {"0"} and "resuming at epoch 3" in out
-    rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
-    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    launch(tmp, "main.py", "--data.dir", data, "--train.out_dir", tmp / "runs", "--train.name", "unbroken",
+           "--train.epochs", "3", *TINY)
+
+    def rows(folder):
+        return [{k: v for k, v in row.items() if k != "seconds"} for row in csv.DictReader(open(folder / "metrics.csv"))]
+
+    assert [r["epoch"] for r in rows(run_dir)] == ["1", "2", "3"]
+    assert rows(run_dir) == rows(tmp / "runs" / "unbroken")
+    resumed, unbroken = (load_checkpoint(str(d / "last.pt"))["model"] for d in (run_dir, tmp / "runs" / "unbroken"))
+    for key in unbroken:
+        torch.testing.assert_close(resumed[key], unbroken[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
 def report_writes(event, args):

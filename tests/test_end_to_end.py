@@ -11,7 +11,7 @@ import torch
 from config import build_config
 from conftest import ROOT
 from evaluate import evaluate_checkpoint
-from main import run
+from main import train_and_evaluate
 
 TINY = {"data.image_size": "16", "model.base_channels": "4", "model.depth": "2", "train.epochs": "2",
         "data.num_workers": "0", "train.batch_size": "2", "data.val_fraction": "0.2", "data.test_fraction": "0.2"}
@@ -20,7 +20,7 @@ TINY = {"data.image_size": "16", "model.base_channels": "4", "model.depth": "2",
 def test_two_epoch_run_writes_every_output(tiny_dataset, tmp_path):
     cfg = build_config({**TINY, "data.dir": tiny_dataset, "train.out_dir": str(tmp_path / "runs"),
                         "train.name": "smoke"})
-    run_dir = run(cfg)
+    run_dir = train_and_evaluate(cfg)
     for name in ("config.json", "split.json", "last.pt", "best.pt", "metrics.csv", "curves.png",
                  "summary.json", "per_case.csv", "postprocessing.json"):
         assert os.path.isfile(os.path.join(run_dir, name)), name
@@ -74,3 +74,34 @@ def test_bad_key_and_bad_data_exit_with_one_line(tmp_path):
     empty = subprocess.run([sys.executable, os.path.join(ROOT, "main.py"), "--data.dir", str(tmp_path / "empty")],
                            capture_output=True, text=True, env=env, cwd=tmp_path)
     assert empty.returncode != 0 and "no .h5 case files" in empty.stderr and "Traceback" not in empty.stderr
+
+
+def test_a_small_set_trains_on_every_case_outside_validation_and_reports_validation(tiny_dataset, tmp_path, capsys):
+    """6 cases and data.test_fraction left at its default: 15% would test on 1 case (< data.min_test_cases),
+    so none is held out for test; the validation figures are printed and evaluate.py's default split
+    says what to do instead of failing."""
+    import evaluate
+    import main
+    tiny = {k: v for k, v in TINY.items() if k not in ("data.test_fraction", "data.val_fraction")}
+    main.main(["--data.dir", tiny_dataset, "--train.out_dir", str(tmp_path), "--train.name", "all",
+               *[f"--{k}={v}" for k, v in tiny.items()]])
+    run_dir = tmp_path / "all"
+    split = json.load(open(run_dir / "split.json"))
+    assert split["test"] == [] and len(split["val"]) == 1 and len(split["train"]) == 5
+    assert split["held_out"]["test"].startswith("no test split: 6 cases, a 15% test split would hold 1 "
+                                                "(< data.min_test_cases 10)")
+    summary = json.load(open(run_dir / "summary.json"))
+    assert summary["split"] == "val" and summary["cases"] == 1
+    printed = capsys.readouterr().out
+    assert "val split, 1 cases" in printed and "slightly optimistic" in printed
+    with pytest.raises(SystemExit, match="no test cases in this run's split .*no test split.*use --split val"):
+        evaluate.main(["--checkpoint", str(run_dir / "best.pt"), "--no-overlays"])
+
+
+@pytest.mark.parametrize("explicit, test_fraction, asked", [
+    ({"data.test_fraction": 0.15}, 0.15, True), ({"train.lr": 0.1}, 0.15, False),
+    (None, 0.15, False), (None, 0.2, True)])
+def test_a_test_split_is_asked_for_by_setting_test_fraction(explicit, test_fraction, asked):
+    import main
+    cfg = build_config({"data.test_fraction": str(test_fraction)})
+    assert main.asked_for_test(cfg, explicit) is asked

@@ -85,6 +85,21 @@ def test_one_fold_trains_alone_in_a_normal_run_folder(tmp_path):
     assert split["fold"] == 1 and split["val"] and os.path.isfile(tmp_path / "runs" / "f1" / "best.pt")
 
 
+def test_folds_without_a_test_split_validate_every_patient_once(tmp_path, capsys):
+    """7 patients, data.test_fraction left at its default: no test split (1 < data.min_test_cases), so
+    the folds deal all 7 and each fold's validation figures are the estimate; no ensemble is scored."""
+    data = write_patients(tmp_path / "data", n_patients=7)
+    tiny = TINY[:TINY.index("--data.test_fraction")]
+    main.main(["--data.dir", data, "--train.out_dir", str(tmp_path / "runs"), "--train.name", "cv",
+               "--data.folds", "2", "--data.fold", "all", *tiny])
+    run_dir = tmp_path / "runs" / "cv"
+    splits = [read_json(run_dir, f"fold_{i}", "split.json") for i in range(2)]
+    assert all(s["test"] == [] and s["held_out"]["test"].startswith("no test split") for s in splits)
+    assert {patient_id(c) for s in splits for c in s["val"]} == {f"BraTS-GLI-{p:05d}" for p in range(7)}
+    assert all(read_json(run_dir, f"fold_{i}", "summary.json")["split"] == "val" for i in range(2))
+    assert not os.path.exists(run_dir / "summary.json") and "no test split: the folds'" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("pairs, problem", [
     ({"data.folds": "1"}, "data.folds 1: use 0"), ({"data.folds": "3", "data.fold": "3"}, "data.fold '3': choose 0..2"),
     ({"data.folds": "3", "data.fold": "first"}, "data.fold 'first'")])

@@ -17,7 +17,7 @@ from evaluation.inference import predict_slices
 from evaluation.metrics import pool_slice_scores, slice_scores
 from evaluation.postprocess import label_map_regions
 from layout_fixtures import write_lgg_patient
-from main import run
+from main import train_and_evaluate
 from prepare_data import main as prepare_main
 
 REAL_LGG = os.path.join(ROOT, "..", "shared", "data", "lgg-sample", "kaggle_3m")
@@ -54,9 +54,9 @@ def lgg_config(data_dir, tmp_path, **extra):
 
 @pytest.fixture(scope="module")
 def lgg_run(lgg_h5, tmp_path_factory):
-    """One epoch of the lgg2d preset (tiny shapes) on the fixture; main.run also scores the test split."""
+    """One epoch of the lgg2d preset (tiny shapes) on the fixture; main.train_and_evaluate also scores the test split."""
     cfg = lgg_config(lgg_h5, tmp_path_factory.mktemp("run"), **{"train.name": "lgg"})
-    return run(check(cfg))
+    return train_and_evaluate(check(cfg))
 
 
 def test_conversion_keeps_patients_slices_and_binary_masks(lgg_h5):
@@ -147,14 +147,14 @@ def test_slice_datasets_serve_2d_samples(lgg_h5, tmp_path):
     cfg = lgg_config(lgg_h5, tmp_path, **{"data.slices_per_case": "3", "data.foreground_fraction": "1",
                                            "data.augment": "false"})
     paths = list_cases(lgg_h5)
-    train, val = build_dataset(cfg.data, paths[:2], True), build_dataset(cfg.data, paths[2:4], False)
-    assert isinstance(train, SliceDataset) and len(train) == 6 and len(val) == 16
+    train = build_dataset(cfg.data, paths[:2])
+    assert isinstance(train, SliceDataset) and len(train) == 6
     sample = train[4]
     assert sample["image"].shape == (3, 32, 32) and sample["target"].shape == (1, 32, 32)
     assert all(train[i]["target"].any() for i in range(len(train)))  # fraction 1: tumour slices only
     assert torch.equal(train[4]["image"], sample["image"])  # a pure function of (seed, epoch, index)
-    ids = [val[i]["case_id"] for i in range(len(val))]
-    assert ids == [os.path.basename(paths[2])[:-3]] * 8 + [os.path.basename(paths[3])[:-3]] * 8
+    ids = [train[i]["case_id"] for i in range(len(train))]  # 3 slices of each case, the cases in order
+    assert ids == [os.path.basename(paths[0])[:-3]] * 3 + [os.path.basename(paths[1])[:-3]] * 3
 
 
 def test_predict_slices_returns_native_size():
@@ -192,3 +192,35 @@ def test_real_lgg_patients_convert_with_their_slice_counts(tmp_path):
             mask = f["mask"][()]
         assert mask.shape == (slices, 256, 256) and set(np.unique(mask)) == {0, 1}
         assert int(mask.reshape(slices, -1).any(1).sum()) == with_tumour
+
+
+def test_under_a_budget_the_presets_network_size_batch_and_lr_are_the_plans_starting_point():
+    from config import PRESET_PLANNABLE, explicit_keys
+    pairs = {"train.max_minutes": "30", "model.base_channels": "24"}
+    explicit = explicit_keys(build_config(pairs, "lgg2d"), pairs, "lgg2d")
+    assert not (set(PRESET_PLANNABLE) - {"model.base_channels"}) & set(explicit)  # the plan may change them
+    assert explicit["model.base_channels"] == 24 and explicit["data.mode"] == "slices"  # typed, or not planned
+    unbudgeted = explicit_keys(build_config({}, "lgg2d"), {}, "lgg2d")  # no budget: the preset's recipe stays
+    assert unbudgeted["data.image_size"] == (256, 256) and unbudgeted["model.base_channels"] == 32
+
+
+def test_a_budgeted_lgg2d_run_plans_the_2d_recipe_trains_and_scores(lgg_h5, tmp_path):
+    import main
+    main.main(["--preset", "lgg2d", "--data.dir", lgg_h5, "--train.max_minutes", "0.15", "--train.out_dir",
+               str(tmp_path), "--train.name", "planned", "--model.base_channels", "4", "--data.num_workers", "0",
+               "--data.val_fraction", "0.2", "--data.test_fraction", "0.2", "--eval.batch_size", "8"])
+    run_dir = tmp_path / "planned"
+    saved = json.loads((run_dir / "plan.json").read_text())
+    config = json.loads((run_dir / "config.json").read_text())
+    values, why = saved["values"], saved["why"]
+    assert values["data.image_size"] in ([64, 64], [48, 48], [32, 32])  # from the cases' 64x64, not the preset's 256
+    assert (values["model.in_channels"], values["data.slice_context"], values["train.lr"]) == (9, 1, 1e-3)
+    assert values["model.base_channels"] == 4 and why["model.base_channels"] == "set explicitly"  # typed: kept
+    assert "data.image_size" not in saved["inputs"]["explicit"] and "train.lr" not in saved["inputs"]["explicit"]
+    assert all(why[key] for key in values) and "width^" in why["speed"]
+    assert [p["base_channels"] for p in saved["inputs"]["speed"]["points"]] == [4]  # the typed width alone timed
+    assert config["model"]["in_channels"] == 9 and config["data"]["image_size"] == values["data.image_size"]
+    assert config["train"]["lr"] == 1e-3 and config["train"]["schedule"] == "poly"
+    summary = json.load(open(run_dir / "summary.json"))
+    assert summary["task"] == "binary" and summary["cases"] == 1  # the test patient, scored at 64x64
+    assert saved["steps"]["made"] >= 1

@@ -17,27 +17,24 @@ class Numbers(torch.utils.data.Dataset):
 
 
 def test_epoch_order_is_a_permutation_fixed_by_seed_and_epoch():
-    first = epoch_order(11, True, seed=3, epoch=2)
-    assert sorted(first) == list(range(11)) and first == epoch_order(11, True, seed=3, epoch=2)
-    assert first != epoch_order(11, True, seed=3, epoch=3) and first != epoch_order(11, True, seed=4, epoch=2)
-    assert epoch_order(5, False, seed=3, epoch=2) == [0, 1, 2, 3, 4]
+    first = epoch_order(11, seed=3, epoch=2)
+    assert sorted(first) == list(range(11)) and first == epoch_order(11, seed=3, epoch=2)
+    assert first != epoch_order(11, seed=3, epoch=3) and first != epoch_order(11, seed=4, epoch=2)
 
 
 @pytest.mark.parametrize("n, world", [(7, 2), (8, 4), (5, 3)])
 def test_shards_cover_the_epoch(n, world):
-    evaluation = [shard_order(n, False, 0, 1, rank, world) for rank in range(world)]
-    assert sorted(sum(evaluation, [])) == list(range(n))  # every case once, none twice
-    training = [shard_order(n, True, 0, 1, rank, world) for rank in range(world)]
+    training = [shard_order(n, 0, 1, rank, world) for rank in range(world)]
     assert len({len(s) for s in training}) == 1  # same number of steps on every rank
     assert set(sum(training, [])) == set(range(n))
 
 
 def test_a_resumed_loader_takes_the_batches_an_unbroken_one_had_left():
-    full = [b.tolist() for b in make_loader(Numbers(10), 3, True, seed=5, epoch=2)]
-    resumed = [b.tolist() for b in make_loader(Numbers(10), 3, True, seed=5, epoch=2, skip_batches=2)]
+    full = [b.tolist() for b in make_loader(Numbers(10), 3, seed=5, epoch=2)]
+    resumed = [b.tolist() for b in make_loader(Numbers(10), 3, seed=5, epoch=2, skip_batches=2)]
     assert resumed == full[2:] and sorted(sum(full, [])) == list(range(10))
     with pytest.raises(TypeError):
-        make_loader(Numbers(10), 3, True, 0)  # everything after shuffle is a keyword
+        make_loader(Numbers(10), 3, 0)  # everything after the batch size is a keyword
 
 
 def test_loader_workers_default_to_none_on_cpu():

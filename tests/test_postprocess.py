@@ -2,12 +2,13 @@
 import h5py
 import numpy as np
 import pytest
+import torch
 from scipy import ndimage
 
 from cases.h5 import Case
 from config import Config
 from evaluation.export import export_case
-from evaluation.postprocess import label_map_regions, relabel_small_enhancing, to_label_map
+from evaluation.postprocess import label_map_regions, relabel_small_enhancing, remove_unsure_tumours, to_label_map
 from transforms.regions import REGIONS, labels_to_regions
 
 SHAPE = (7, 9, 11)
@@ -87,18 +88,64 @@ def test_round_trip_through_the_exported_label_map(seed, et_min, largest, tmp_pa
     case = Case("c", np.zeros((4, *SHAPE), np.float32), None)
     for enhancing, names in ((4, REGIONS), (3, REGIONS_2023)):
         out = str(tmp_path / f"et{enhancing}")
-        written = export_case(out, case, regions, enhancing_label=enhancing, overlay=False)[0]
+        written = export_case(out, case, regions, default_enhancing=enhancing, overlay=False)[0]
         with h5py.File(written) as f:                                     # what export writes
             exported = f["mask"][()]
         assert set(np.unique(exported)) <= {0, 1, 2, enhancing}
         assert (regions == (labels_to_regions(exported, names).numpy() > 0.5)).all()
-    labels = to_label_map(pred, "brats")                                  # the postprocessed map itself
-    if et_min:
-        labels = relabel_small_enhancing(labels, et_min)
+    # the expectation built by hand from the raw channels: ET wins, TC takes ET in, WT takes both;
+    # an ET of fewer than et_min voxels becomes necrosis, so it leaves ET and stays in TC and WT
+    wt, tc, et = pred
+    small = et_min and 0 < et.sum() < et_min
+    expected = np.stack([wt | tc | et, tc | et, et & (not small)])
     if not largest:
-        assert (regions == (labels_to_regions(labels).numpy() > 0.5)).all()
+        assert (regions == expected).all()
+    else:                                               # one component of the tumour, with its labels
+        assert not (regions & ~expected).any() and regions[0].any()
 
 
 def test_wrong_channel_count_is_refused():
     with pytest.raises(ValueError, match="3 region channels"):
         to_label_map(np.zeros((2, *SHAPE), bool), "brats")
+
+
+def two_components(fp_peak=0.6, tumour_peak=0.97):
+    """A tumour of 8 voxels at probability `tumour_peak` and, far from it, a 27-voxel false positive
+    whose probability stays at `fp_peak`: the larger component is the one the network doubts."""
+    probs = np.zeros((1, *SHAPE), np.float32)
+    probs[0, 1:3, 1:3, 1:3] = tumour_peak
+    probs[0, 4:7, 5:8, 7:10] = fp_peak
+    return probs
+
+
+@pytest.mark.parametrize("max_voxels, min_peak, fp_kept", [
+    (30, 0.9, False),    # the false positive is small and unsure: removed
+    (27, 0.9, True),     # 27 voxels are not below 27: kept
+    (30, 0.6, True),     # its peak 0.6 reaches 0.6: kept
+    (0, 0.9, True), (30, 0.0, True),   # either key at 0: off
+])
+def test_an_unsure_component_goes_and_a_confident_tumour_stays(max_voxels, min_peak, fp_kept):
+    probs = two_components()
+    cfg = Config().eval
+    cfg.unsure_component_voxels, cfg.unsure_component_peak = max_voxels, min_peak
+    out = label_map_regions(probs > 0.5, "binary", cfg, probs)
+    assert out[0, 1:3, 1:3, 1:3].all()                      # the tumour, 8 voxels < 30 but sure: kept
+    assert out[0, 4:7, 5:8, 7:10].all() == fp_kept and out.sum() == 8 + 27 * fp_kept
+    largest = label_map_regions(probs > 0.5, "binary", eval_cfg(largest=True))
+    assert not largest[0, 1:3, 1:3, 1:3].any()              # keep-the-largest loses the tumour
+
+
+def test_unsure_components_are_26_connected_and_judged_by_their_peak():
+    probs = np.zeros((3, *SHAPE), np.float32)
+    probs[0, 2:4, 2:4, 2:4] = 0.99                        # a sure tumour (WT)...
+    probs[2, 4, 4, 4] = 0.6                               # ...with an unsure ET voxel touching it at a corner
+    probs[1, 6, 8, 8] = 0.7                               # an unsure stray TC voxel alone
+    labels = to_label_map(probs > 0.5, "brats")
+    cfg = Config().eval
+    cfg.unsure_component_voxels, cfg.unsure_component_peak = 5, 0.9
+    out = remove_unsure_tumours(labels, probs, 5, 0.9)
+    assert out[4, 4, 4] == 4 and out[6, 8, 8] == 0 and (out[2:4, 2:4, 2:4] == 2).all()
+    assert (labels_to_regions(out).numpy() > 0.5).tolist() == label_map_regions(probs > 0.5, "brats", cfg,
+                                                                                 torch.from_numpy(probs)).tolist()
+    with pytest.raises(ValueError, match="needs the region probabilities"):
+        label_map_regions(probs > 0.5, "brats", cfg)

@@ -1,5 +1,6 @@
-"""Postprocessing chosen on the validation cases: kept where it wins, refused where it loses,
-stored in best.pt, applied at evaluation unless a key given there overrides it."""
+"""Postprocessing chosen on the validation cases: kept where it helps most cases, refused where it
+loses, where it helps only the mean, or where it deletes a tumour the network found; stored in
+best.pt, applied at evaluation unless a key given there overrides it."""
 import json
 import os
 
@@ -11,15 +12,17 @@ from cases.h5 import write_case
 from config import Config, build_config, to_dict
 from conftest import SHAPE, TumourDetector, bright_case
 from evaluate import evaluate_checkpoint
-from evaluation.postprocess import label_map_regions, remove_small_tumours
+from evaluation.postprocess import label_map_regions, remove_small_tumours, tumour_probability
 from evaluation.postselect import (
+    Prediction,
     _choose_and_store,
-    choose,
-    explicit_keys,
+    candidate_steps,
+    choose_postprocessing,
     improves,
     predict_cases,
     settings_of,
     stored_config,
+    user_set_postprocessing_keys,
 )
 from model import build_model
 from runtime.checkpoint import load_checkpoint, save_checkpoint
@@ -61,15 +64,97 @@ def test_small_tumour_components_are_removed_with_their_labels():
     assert not regions[:, 0, 0].any() and regions[0].sum() == 64
 
 
-def test_removing_a_spurious_component_wins_and_is_chosen(tmp_path):
-    cfg = detector_cfg()
-    predictions = predict_cases(TumourDetector(), write_cases(str(tmp_path), False), cfg, CPU)
-    report = choose(predictions, cfg)
-    assert report["chosen"]["eval.largest_component"] or report["chosen"]["eval.min_component_voxels"] > 1
-    assert report["chosen"]["eval.postprocess_et_min"] == 0    # turning 65 ET voxels to necrosis loses
+def prediction(case_id, truth_boxes, pred_boxes, regions=1):
+    """A hand-made validation prediction: truth boxes, and (box, probability) boxes predicted; with
+    3 regions every region is the same (a tumour labelled ET)."""
+    truth, probs = np.zeros(SHAPE, bool), np.zeros(SHAPE, np.float32)
+    for box in truth_boxes:
+        truth[box] = True
+    for box, p in pred_boxes:
+        probs[box] = p
+    probs = np.repeat(probs[None], regions, 0)
+    return Prediction(case_id, probs > 0.5, np.repeat(truth[None], regions, 0), (1.0, 1.0, 1.0),
+                      tumour_probability(probs)[None])
+
+
+TUMOUR, SMALL, FAR = np.s_[4:8, 5:9, 3:7], np.s_[1:3, 1:3, 1:3], np.s_[9:12, 10:13, 7:10]   # 64, 8, 27 voxels
+STRAY = np.s_[1, 1, 1]
+UNSURE = {"eval.unsure_component_voxels": 30, "eval.unsure_component_peak": 0.9}
+
+
+def binary_cfg():
+    cfg = Config()
+    cfg.data.task = "binary"
+    return cfg
+
+
+def test_removing_an_unsure_stray_component_wins_and_is_chosen():
+    cfg = Config()
+    predictions = [prediction(f"s{i}", [TUMOUR], [(TUMOUR, 0.99), (STRAY, 0.6)], regions=3) for i in range(2)]
+    report = choose_postprocessing(predictions, cfg)
+    assert report["chosen"]["eval.unsure_component_voxels"] > 1 and report["chosen"]["eval.unsure_component_peak"] > 0.6
+    assert report["chosen"]["eval.postprocess_et_min"] == 0    # turning 64 ET voxels to necrosis loses
     assert report["baseline"]["dice"]["WT"] < 1.0 and report["result"]["dice"] == {"WT": 1.0, "TC": 1.0, "ET": 1.0}
     assert report["result"]["mean_hd95"] <= report["baseline"]["mean_hd95"]
     assert report["cases"] == 2 and report["trials"]
+    adopted = [t for t in report["trials"] if t["refused"] is None]
+    assert adopted and all(t["cases_improved"] == 2 and t["cases_worsened"] == 0 for t in adopted)
+
+
+def test_a_confident_stray_is_never_removed_automatically():
+    predictions = [prediction(f"s{i}", [TUMOUR], [(TUMOUR, 0.99), (STRAY, 0.99)], regions=3) for i in range(2)]
+    report = choose_postprocessing(predictions, Config())
+    assert report["chosen"] == settings_of(Config().eval) and report["baseline"]["dice"]["WT"] < 1.0
+
+
+def test_automatic_choice_no_longer_offers_keep_the_largest():
+    for task in ("brats", "binary"):
+        offered = {key for _, options in candidate_steps(task) for option in options for key in option}
+        assert "eval.largest_component" not in offered and "eval.unsure_component_voxels" in offered
+
+
+def test_a_large_unsure_false_positive_does_not_cost_a_smaller_sure_tumour():
+    """Case c: an 8-voxel tumour the network is sure of, and a 27-voxel false positive it doubts.
+    Keep-the-largest helps cases a and b and the mean, but keeps c's false positive and loses its
+    tumour: the guard refuses it. The unsure-component rule removes every false positive and keeps c's tumour."""
+    twenty = np.s_[1:3, 1:6, 1:3]
+    cases = [prediction(cid, [FAR], [(FAR, 0.99), (twenty, 0.6)]) for cid in ("a", "b")]
+    cases.append(prediction("c", [SMALL], [(SMALL, 0.97), (FAR, 0.6)]))
+    largest = choose_postprocessing(cases, binary_cfg(), steps=[("largest", [{"eval.largest_component": True}])])
+    trial = largest["trials"][0]
+    assert improves(trial, largest["baseline"]) and (trial["cases_improved"], trial["cases_worsened"]) == (2, 1)
+    assert trial["detections_lost"] == ["c"] and "found tumour" in trial["refused"]
+    assert not largest["chosen"]["eval.largest_component"]
+    report = choose_postprocessing(cases, binary_cfg())
+    assert report["chosen"]["eval.unsure_component_voxels"] > 27 and report["result"]["dice"] == {"tumour": 1.0}
+    kept = label_map_regions(cases[2].pred, "binary", stored_config({"config": to_dict(binary_cfg()),
+                                                                   "postprocessing": report["chosen"]}).eval,
+                             cases[2].probs)
+    assert kept[0][SMALL].all() and not kept[0][FAR].any()
+
+
+def test_an_option_that_raises_the_mean_but_worsens_most_cases_is_not_adopted():
+    """Removing small unsure components cures case a (+0.63) but drops a true satellite lesion the
+    network doubted in b and c (-0.13 each): the mean rises, two cases of three get worse."""
+    cases = [prediction("a", [SMALL], [(SMALL, 0.97), (FAR, 0.6)])]
+    cases += [prediction(cid, [FAR, SMALL], [(FAR, 0.99), (SMALL, 0.6)]) for cid in ("b", "c")]
+    report = choose_postprocessing(cases, binary_cfg(), steps=[("components", [UNSURE])])
+    trial = report["trials"][0]
+    assert improves(trial, report["baseline"]) and trial["mean_dice"] > report["baseline"]["mean_dice"] + 0.05
+    assert (trial["cases_improved"], trial["cases_worsened"]) == (1, 2) and "worsen" in trial["refused"]
+    assert trial["detections_lost"] == [] and report["chosen"] == settings_of(Config().eval)
+
+
+def test_the_detection_guard_refuses_an_option_that_deletes_a_found_tumour():
+    """Cases a and c improve a lot; in b the only tumour found is small and doubted: removing it
+    turns Dice 1 into 0. Mean and majority say yes; the guard says no."""
+    cases = [prediction(cid, [SMALL], [(SMALL, 0.97), (FAR, 0.6)]) for cid in ("a", "c")]
+    cases.insert(1, prediction("b", [SMALL], [(SMALL, 0.6)]))
+    report = choose_postprocessing(cases, binary_cfg(), steps=[("components", [UNSURE])])
+    trial = report["trials"][0]
+    assert improves(trial, report["baseline"]) and (trial["cases_improved"], trial["cases_worsened"]) == (2, 1)
+    assert trial["detections_lost"] == ["b"] and "found tumour" in trial["refused"]
+    assert report["chosen"] == settings_of(Config().eval) and report["result"] == report["baseline"]
 
 
 def scores(wt, tc, hd95=1.0):
@@ -82,6 +167,8 @@ def test_validation_cases_are_predicted_at_the_models_own_spacing(tmp_path):
     cfg.data.mode, cfg.data.patch_size, cfg.data.spacing = "patch", (8, 8, 8), (2.0, 2.0, 2.0)
     predictions = predict_cases(TumourDetector(), write_cases(str(tmp_path), False), cfg, CPU)
     assert [p.pred.shape for p in predictions] == [(3, *SHAPE)] * 2  # back at each case's native grid
+    assert [p.probs.shape for p in predictions] == [(1, *SHAPE)] * 2
+    assert all(((p.probs > 0.5) == p.pred.any(0)).all() for p in predictions)
 
 
 @pytest.mark.parametrize("new, kept", [
@@ -94,24 +181,28 @@ def test_a_candidate_is_kept_only_when_it_improves(new, kept):
     assert improves(new, scores(0.8, 0.7)) is kept
 
 
-def test_removing_a_true_lesion_loses_and_nothing_is_chosen(tmp_path):
-    cfg = detector_cfg()
-    predictions = predict_cases(TumourDetector(), write_cases(str(tmp_path), True), cfg, CPU)
-    report = choose(predictions, cfg)
+def test_removing_a_true_lesion_loses_and_nothing_is_chosen():
+    predictions = [prediction(f"s{i}", [TUMOUR, STRAY], [(TUMOUR, 0.99), (STRAY, 0.6)], regions=3) for i in range(2)]
+    report = choose_postprocessing(predictions, Config())
     assert report["chosen"] == settings_of(Config().eval)     # everything stays off
     assert report["result"] == report["baseline"] and report["baseline"]["mean_dice"] == 1.0
-    assert all(t["mean_dice"] < 1.0 for t in report["trials"] if t["step"] == "tumour components")
+    assert all(t["mean_dice"] < 1.0 for t in report["trials"] if t["step"] == "tumour components"
+               and t["settings"]["eval.unsure_component_voxels"] > 1)
 
 
 def test_keys_the_user_set_are_not_searched(tmp_path):
     cfg = detector_cfg(min_component_voxels=0, postprocess_et_min=7)
-    assert explicit_keys(cfg) == ["eval.postprocess_et_min"]
+    assert user_set_postprocessing_keys(cfg) == ["eval.postprocess_et_min"]
     cfg.eval.largest_component = True
     predictions = predict_cases(TumourDetector(), write_cases(str(tmp_path), False), cfg, CPU)
-    report = choose(predictions, cfg, fixed=explicit_keys(cfg))
+    report = choose_postprocessing(predictions, cfg, fixed=user_set_postprocessing_keys(cfg))
     assert report["chosen"]["eval.postprocess_et_min"] == 7 and report["chosen"]["eval.largest_component"]
     assert not any(set(t["settings"]) & {"eval.largest_component", "eval.postprocess_et_min"}
                    for t in report["trials"])
+    cfg.eval.unsure_component_voxels = 100
+    fixed = user_set_postprocessing_keys(cfg)
+    assert "eval.unsure_component_voxels" in fixed
+    assert not [t for t in choose_postprocessing(predictions, cfg, fixed=fixed)["trials"] if t["step"] == "tumour components"]
 
 
 def tiny_checkpoint(folder, postprocessing=None):
@@ -133,15 +224,18 @@ def test_the_choice_is_stored_in_best_pt_and_applied_at_evaluation(tmp_path, mon
     best = tiny_checkpoint(folder)
     old = evaluate_checkpoint(best, "all", str(tmp_path / "old"))   # a checkpoint without a choice loads
     assert old["postprocessing"] == settings_of(Config().eval)
-    # the untrained UNet wins nothing; the detector's predictions stand in for it
-    monkeypatch.setattr("evaluation.postselect.predict_cases", lambda model, p, cfg, device: predict_cases(
-        TumourDetector(), p, detector_cfg(), device))
+    # the untrained UNet wins nothing; predictions with an unsure stray voxel stand in for it
+    monkeypatch.setattr("evaluation.postselect.predict_cases", lambda model, p, cfg, device: [
+        prediction(f"s{i}", [TUMOUR], [(TUMOUR, 0.99), (STRAY, 0.6)], regions=3) for i in range(len(p))])
     report = _choose_and_store(best, paths, folder, CPU)
     state = load_checkpoint(best)
-    assert state["postprocessing"] == report["chosen"] == json.load(open(tmp_path / "postprocessing.json"))["chosen"]
-    assert state["postprocessing"]["eval.largest_component"] and "model" in state
-    assert stored_config(state).eval.largest_component and not load_checkpoint(best)["config"]["eval"]["largest_component"]
-    summary = evaluate_checkpoint(best, "all", str(tmp_path / "new"))
+    written = json.load(open(tmp_path / "postprocessing.json"))
+    assert state["postprocessing"] == report["chosen"] == written["chosen"] and "model" in state
+    assert {"cases_improved", "cases_worsened", "detections_lost", "refused"} <= set(written["trials"][0])
+    assert state["postprocessing"]["eval.unsure_component_voxels"] > 1
+    assert stored_config(state).eval.unsure_component_peak > 0.6
+    assert load_checkpoint(best)["config"]["eval"]["unsure_component_voxels"] == 0
+    summary = evaluate_checkpoint(best, "all", str(tmp_path / "new"))   # the rule reads the probabilities
     assert summary["postprocessing"] == report["chosen"]
 
 
@@ -154,6 +248,7 @@ def test_a_key_given_at_evaluation_overrides_the_stored_choice(tmp_path):
     assert stored["postprocessing"]["eval.largest_component"] and stored["postprocessing"]["eval.postprocess_et_min"] == 300
     overridden = evaluate_checkpoint(best, "all", str(tmp_path / "b"), overrides={"eval.largest_component": "false"})
     assert overridden["postprocessing"] == {"eval.largest_component": False, "eval.min_component_voxels": 0,
+                                            "eval.unsure_component_voxels": 0, "eval.unsure_component_peak": 0.0,
                                             "eval.postprocess_et_min": 300}
 
 
@@ -165,5 +260,4 @@ def test_no_validation_cases_or_switched_off_chooses_nothing(tmp_path):
 
 @pytest.mark.parametrize("task", ["binary"])
 def test_binary_tasks_search_only_components(task):
-    from evaluation.postselect import candidate_steps
     assert [name for name, _ in candidate_steps(task)] == ["tumour components"]

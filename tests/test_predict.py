@@ -1,5 +1,6 @@
 """predict.py and ensemble.py: raw cases in, label maps on the source grid out; several checkpoints
 average their probabilities; bad and misregistered cases are refused one line each."""
+import csv
 import os
 import subprocess
 import sys
@@ -17,10 +18,15 @@ from evaluation.inference import predict_case
 from evaluation.postprocess import label_map_regions, to_label_map
 from layout_fixtures import AFFINE, write_nifti_case
 from model import build_model
+from predict import predict_all
 from real_brats import BRATS_SAMPLE, SKIP_REASON, sample_cases, source_seg_path
 from runtime.checkpoint import save_checkpoint
 
-nib = pytest.importorskip("nibabel", reason="NIfTI tests need nibabel: pip install -r requirements-extra.txt")
+try:
+    import nibabel as nib
+except ImportError:  # only the NIfTI tests need it; they skip, the rest of the file runs
+    nib = None
+NEEDS_NIBABEL = pytest.mark.skipif(nib is None, reason="NIfTI tests need nibabel: pip install -r requirements-extra.txt")
 CPU = torch.device("cpu")
 TINY = {"data.image_size": "16", "model.base_channels": "4", "model.depth": "2"}
 
@@ -81,6 +87,7 @@ def test_ensemble_thresholds_the_mean_of_members_with_different_configs():
     assert detector.scores["WT"]["dice"] == 1.0
 
 
+@NEEDS_NIBABEL
 def test_two_checkpoints_predict_the_thresholded_mean_of_their_probabilities(tmp_path):
     write_nifti_case(str(tmp_path / "in"), "Case_1")
     first = tiny_checkpoint(tmp_path / "a" / "best.pt", seed=1)
@@ -100,14 +107,36 @@ def test_two_checkpoints_predict_the_thresholded_mean_of_their_probabilities(tmp
 
     assert np.array_equal(written, exported((each[0] + each[1]) / 2))
     assert not np.array_equal(exported(each[0]), exported(each[1]))  # the members disagree: the mean decides
+    rows = list(csv.DictReader(open(tmp_path / "out" / "confidence.csv")))
+    assert [r["case"] for r in rows] == ["Case_1"] and 0 <= float(rows[0]["confidence"]) < 1
 
 
+def test_members_that_disagree_make_a_case_less_confident(tmp_path):
+    """Two detectors agree on the tumour; a member that calls every voxel tumour does not: the
+    mean is as sure of the tumour, but the members' agreement (and so the confidence) falls."""
+    case = bright_case("c0", with_mask=False)
+    cases = [("c0", "c0.h5", lambda: case)]
+    agree = [member(TumourDetector()), member(TumourDetector())]
+    disagree = [member(TumourDetector()), member(ConstantModel(9.0))]
+    failed, sure = predict_all(agree, cases, str(tmp_path / "a"), overlays=False)
+    _, unsure = predict_all(disagree, cases, str(tmp_path / "b"), overlays=False)
+    assert failed == [] and sure["c0"] == pytest.approx(1.0, abs=1e-3)
+    tumour, grid = 4 * 4 * 4, np.prod(SHAPE)
+    # the mean: 1 on the tumour, 0.5 elsewhere (masked out): soft Dice 2t / (2t + (grid - t) / 2);
+    # the members' masks, tumour and everything: Dice 2t / (t + grid)
+    consistency, agreement = 2 * tumour / (2 * tumour + (grid - tumour) / 2), 2 * tumour / (tumour + grid)
+    assert unsure["c0"] == pytest.approx(consistency * agreement, rel=0.01) and unsure["c0"] < 0.02
+    _, alone = predict_all(disagree[1:], cases, str(tmp_path / "c"), overlays=False)
+    assert alone["c0"] == pytest.approx(1.0, abs=1e-3)   # one member, sure of everything: nothing to compare
+
+
+@NEEDS_NIBABEL
 @pytest.mark.skipif(not sample_cases(), reason=SKIP_REASON)
 def test_real_brats_sample_predicts_onto_each_source_seg_grid(tmp_path):
     checkpoint = tiny_checkpoint(tmp_path / "run" / "best.pt")
     result = run_predict("-i", BRATS_SAMPLE, "-o", tmp_path / "out", "-c", tmp_path / "run", "--no-overlays")
     assert result.returncode == 0, result.stderr
-    assert sorted(os.listdir(tmp_path / "out")) == [f"{c}.nii.gz" for c in sample_cases()]
+    assert sorted(os.listdir(tmp_path / "out")) == [f"{c}.nii.gz" for c in sample_cases()] + ["confidence.csv"]
     for case_id in sample_cases():
         written, source = nib.load(tmp_path / "out" / f"{case_id}.nii.gz"), nib.load(source_seg_path(case_id))
         assert written.shape == source.shape and np.array_equal(written.affine, source.affine)
@@ -118,6 +147,7 @@ def test_real_brats_sample_predicts_onto_each_source_seg_grid(tmp_path):
     assert checkpoint_files(str(tmp_path / "run")) == [checkpoint]
 
 
+@NEEDS_NIBABEL
 @pytest.mark.parametrize("convention, enhancing", [("2018", 4), ("2023", 3)])
 def test_labels_follow_the_input_naming_and_overlays_are_drawn(tmp_path, convention, enhancing):
     write_nifti_case(str(tmp_path / "in" / "HGG"), "Case_1", convention=convention)  # nested one level
@@ -136,7 +166,10 @@ def test_h5_cases_are_predicted_to_h5_label_maps(tmp_path):
     result = run_predict("-i", tmp_path / "in", "-o", tmp_path / "out", "-c", tiny_checkpoint(tmp_path / "best.pt"),
                          "--no-overlays")
     assert result.returncode == 0, result.stderr
-    assert sorted(os.listdir(tmp_path / "out")) == ["case_000.h5", "case_001.h5"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["case_000.h5", "case_001.h5", "confidence.csv"]
+    rows = list(csv.DictReader(open(tmp_path / "out" / "confidence.csv")))
+    assert [r["case"] for r in rows] == ["case_000", "case_001"] and all(0 <= float(r["confidence"]) <= 1 for r in rows)
+    assert "least confident cases" in result.stderr
 
 
 def misregistered_t1(folder):
@@ -155,6 +188,7 @@ def truncated_t1(folder):
     return "Bad_t1.nii.gz: cannot be read as NIfTI", ""
 
 
+@NEEDS_NIBABEL
 @pytest.mark.parametrize("spoil", [misregistered_t1, truncated_t1])
 def test_a_bad_case_is_skipped_in_one_line_and_the_others_are_predicted(tmp_path, spoil):
     write_nifti_case(str(tmp_path / "in"), "Good")
@@ -163,12 +197,14 @@ def test_a_bad_case_is_skipped_in_one_line_and_the_others_are_predicted(tmp_path
     result = run_predict("-i", tmp_path / "in", "-o", tmp_path / "out", "-c", tiny_checkpoint(tmp_path / "best.pt"),
                          "--no-overlays")
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
-    assert sorted(os.listdir(tmp_path / "out")) == ["Good.nii.gz"]
+    assert sorted(os.listdir(tmp_path / "out")) == ["Good.nii.gz", "confidence.csv"]
+    assert [r["case"] for r in csv.DictReader(open(tmp_path / "out" / "confidence.csv"))] == ["Good"]
     lines = [line for line in (result.stdout + result.stderr).splitlines() if problem in line]
     assert len(lines) == 2 and all(detail in line for line in lines), result.stdout + result.stderr  # log + summary
     assert "predicted 1 of 2 cases" in result.stdout
 
 
+@NEEDS_NIBABEL
 def test_prepare_data_refuses_modalities_that_are_not_coregistered(tmp_path, capsys):
     import prepare_data
     write_nifti_case(str(tmp_path / "src"), "Good")

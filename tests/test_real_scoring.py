@@ -109,7 +109,7 @@ def evaluated(tmp_path_factory):
     data = real_brats.convert_all(str(root / "h5"))
     # resized cases are cached after the first epoch, so later epochs take a fraction of a second each;
     # 20 of them at a high rate give predictions that overlap every region without matching it
-    run_dir = main.run(main.build_config({
+    run_dir = main.train_and_evaluate(main.build_config({
         "data.dir": data, "data.image_size": "32", "data.val_fraction": "0", "data.test_fraction": "0",
         "data.num_workers": "0", "data.augment": "false", "model.base_channels": "4", "model.depth": "2",
         "train.epochs": "20", "train.batch_size": "1", "train.lr": "0.03", "train.out_dir": str(root),
@@ -155,7 +155,7 @@ def test_reported_scores_are_those_of_the_exported_files(evaluated):
 
 def test_evaluation_reports_lesion_wise_figures(evaluated):
     rows, summary, _ = evaluated
-    assert list(rows[0]) == ["case"] + [f"{r}_{m}" for r in LABELS for m in LEGACY + LESION]
+    assert list(rows[0]) == ["case", "confidence"] + [f"{r}_{m}" for r in LABELS for m in LEGACY + LESION]
     rules = summary["lesion_scoring"]
     assert rules["connectivity"] == 26 and rules["min_lesion_mm3"] == 50.0 and rules["max_hd95_mm"] == 374.0
     for region in LABELS:

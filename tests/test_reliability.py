@@ -10,12 +10,13 @@ import time
 import pytest
 import torch
 
-from config import Config
+from config import Config, build_config, from_dict
 from conftest import ROOT, write_blob_dataset
 from model import UNet
 from runtime.checkpoint import load_checkpoint, load_resumable
 from train import new_progress, train_one_epoch
 from training.guards import GracefulStop, TrainingStopped
+from training.run_folder import resume_config
 from training.step import make_run
 
 TINY = ["--data.image_size", "16", "--model.base_channels", "4", "--model.depth", "2", "--data.num_workers", "0",
@@ -112,8 +113,7 @@ def test_resume_refuses_a_result_changing_config_and_allows_more_epochs(data_and
         main.main(["--resume", reference, "--model.base_channels", "8", "--train.lr", "0.1"])
     assert "model.base_channels" in str(stop.value.code) and "train.lr" in str(stop.value.code)
     path, state = load_resumable(reference)
-    cfg = main.resume_config(main.build_config({"train.epochs": "9"}, base=main.from_dict(state["config"])),
-                             state, path)
+    cfg = resume_config(build_config({"train.epochs": "9"}, base=from_dict(state["config"])), state, path)
     assert cfg.train.epochs == 9
 
 

@@ -5,13 +5,14 @@ import os
 import pytest
 import torch
 
+import dataset
 from cases.h5 import case_format, read_case
 from cases.splits import list_cases
 from config import build_config, check
 from dataset import SliceDataset, build_dataset
 from evaluation.inference import predict_slices
 from layout_fixtures import write_lgg_patient
-from main import run
+from main import train_and_evaluate
 from prepare_data import main as prepare_main
 from transforms.context import context_indices, slice_with_context
 
@@ -63,27 +64,35 @@ def test_channels_are_ordered_slice_by_slice_each_with_its_channels():
     assert torch.equal(slice_with_context(volume, 3, 0), volume[:, 3])
 
 
-def test_slice_dataset_serves_neighbours_with_repeated_edges(lgg_h5, tmp_path):
+def every_slice(ds, monkeypatch):
+    """The samples of slices 0, 1, ... of the dataset's first case, as training draws them."""
+    samples = []
+    for z in range(ds.prepared(0)[0].shape[1]):
+        monkeypatch.setattr(dataset, "pick_slice", lambda tumour, fraction, gen, z=z: z)
+        samples.append(ds[0])
+    return samples
+
+
+def test_slice_dataset_serves_neighbours_with_repeated_edges(lgg_h5, tmp_path, monkeypatch):
     cfg = context_config(lgg_h5, tmp_path, context=1)
     paths = list_cases(lgg_h5)
-    val = build_dataset(cfg.data, paths[:1], False)
-    assert isinstance(val, SliceDataset) and len(val) == 6
-    volume = val.prepared(0)[0]  # (3, 6, 16, 16): the patient's normalised, resized slices
-    first, middle, last = val[0]["image"], val[2]["image"], val[5]["image"]
-    assert first.shape == (9, 16, 16) and val[0]["target"].shape == (1, 16, 16)
+    ds = build_dataset(cfg.data, paths[:1])
+    assert isinstance(ds, SliceDataset) and len(ds) == 6
+    volume = ds.prepared(0)[0]  # (3, 6, 16, 16): the patient's normalised, resized slices
+    samples = every_slice(ds, monkeypatch)
+    first, middle, last = samples[0]["image"], samples[2]["image"], samples[5]["image"]
+    assert first.shape == (9, 16, 16) and samples[0]["target"].shape == (1, 16, 16)
     assert torch.equal(middle, torch.cat([volume[:, 1], volume[:, 2], volume[:, 3]]))
     assert torch.equal(first, torch.cat([volume[:, 0], volume[:, 0], volume[:, 1]]))  # slice 0 stands in for -1
     assert torch.equal(last, torch.cat([volume[:, 4], volume[:, 5], volume[:, 5]]))   # slice 5 stands in for 6
-    train = build_dataset(context_config(lgg_h5, tmp_path, context=2, **{"data.augment": "true"}).data,
-                          paths, True)
+    train = build_dataset(context_config(lgg_h5, tmp_path, context=2, **{"data.augment": "true"}).data, paths)
     assert train[7]["image"].shape == (15, 16, 16)
 
 
-def test_predict_slices_stacks_as_the_dataset_does(lgg_h5, tmp_path):
+def test_predict_slices_stacks_as_the_dataset_does(lgg_h5, tmp_path, monkeypatch):
     cfg = context_config(lgg_h5, tmp_path, context=1)
     path = list_cases(lgg_h5)[1]
-    val = build_dataset(cfg.data, [path], False)
-    expected = torch.stack([val[z]["image"] for z in range(len(val))])
+    expected = torch.stack([s["image"] for s in every_slice(build_dataset(cfg.data, [path]), monkeypatch)])
     seen = []
 
     def recording_predictor(batch):  # remembers its inputs, answers "tumour" where the middle FLAIR is bright
@@ -109,5 +118,5 @@ def test_check_ties_input_channels_to_the_slice_context(pairs, message):
 
 def test_a_2_5d_model_trains_validates_and_is_scored(lgg_h5, tmp_path):
     torch.manual_seed(0)
-    run_dir = run(context_config(lgg_h5, tmp_path, context=1, **{"train.name": "ctx"}))
+    run_dir = train_and_evaluate(context_config(lgg_h5, tmp_path, context=1, **{"train.name": "ctx"}))
     assert os.path.isfile(os.path.join(run_dir, "best.pt")) and os.path.isfile(os.path.join(run_dir, "summary.json"))

@@ -6,7 +6,16 @@ import pytest
 
 from cases.h5 import CaseFormat, DataError
 from cases.patients import patient_id
-from cases.splits import PARTS, describe_grouping, fold_patients, list_cases, make_split, split_cases, validate_cases
+from cases.splits import (
+    PARTS,
+    describe_grouping,
+    fold_patients,
+    list_cases,
+    make_split,
+    split_cases,
+    take_test_split,
+    validate_cases,
+)
 from config import DataConfig
 
 IDS = [f"c{i:02d}" for i in range(10)]
@@ -77,7 +86,8 @@ def test_two_scans_of_one_patient_fall_on_one_side():
 
 def test_names_without_a_patient_part_split_as_before_grouping():
     """Each such case is its own patient, so any earlier split.json is reproduced."""
-    assert make_split(IDS, DataConfig(val_fraction=0.2, test_fraction=0.2)) == split_cases(IDS, 0.2, 0.2, 0)
+    split = make_split(IDS, DataConfig(val_fraction=0.2, test_fraction=0.2), test_asked=True)
+    assert {part: split[part] for part in PARTS} == split_cases(IDS, 0.2, 0.2, 0)
     assert split_cases(IDS, 0.2, 0.2, 0)["test"] == ["c04", "c06"]
 
 
@@ -91,7 +101,8 @@ def test_folds_cover_the_non_test_patients_once_and_keep_the_plain_test_split(fo
     assert sum(map(len, patients)) == len(set().union(*patients))  # no patient in two folds
     assert max(map(len, patients)) - min(map(len, patients)) <= 1
     for fold in range(folds):
-        split = make_split(ids, DataConfig(test_fraction=0.15, split_seed=3, folds=folds, fold=str(fold)))
+        split = make_split(ids, DataConfig(test_fraction=0.15, split_seed=3, folds=folds, fold=str(fold)),
+                           test_asked=True)
         assert split["val"] == parts[fold] and split["test"] == test
         assert sorted(split["train"]) == sorted(set(ids) - set(test) - set(parts[fold]))
 
@@ -99,3 +110,48 @@ def test_folds_cover_the_non_test_patients_once_and_keep_the_plain_test_split(fo
 def test_folds_refuse_too_few_patients():
     with pytest.raises(DataError, match="3 patients outside the test split are too few for data.folds 5"):
         fold_patients(["a", "b", "c", "d"], 0.25, 0, 5)
+
+
+# ------------------------------------------------------------------------------ what is held out
+
+@pytest.mark.parametrize("n, asked, min_test, test_cases", [
+    (10, False, 10, 0),    # 15% of 10 is 2 < 10: no test split, every other case trains
+    (10, True, 10, 2),     # the user set data.test_fraction: taken whatever its size
+    (67, False, 10, 10),   # 15% of 67 is 10: large enough
+    (60, False, 10, 0),    # 15% of 60 is 9
+    (10, False, 2, 2),     # data.min_test_cases lowered
+])
+def test_a_test_split_is_taken_when_asked_for_or_large_enough(n, asked, min_test, test_cases):
+    ids = [f"c{i:03d}" for i in range(n)]
+    cfg = DataConfig(min_test_cases=min_test)
+    split = make_split(ids, cfg, test_asked=asked)
+    n_val = max(1, round(n * 0.15))
+    assert len(split["test"]) == test_cases and len(split["val"]) == n_val
+    assert len(split["train"]) == n - n_val - test_cases
+    if test_cases:  # the same test split as before the rule existed
+        assert {part: split[part] for part in PARTS} == split_cases(ids, 0.15, 0.15, 0)
+
+
+def test_split_says_why_nothing_was_held_out_for_test():
+    split = make_split(IDS, DataConfig())
+    assert split["test"] == [] and len(split["train"]) == 8
+    assert split["held_out"]["test"] == ("no test split: 10 cases, a 15% test split would hold 2 "
+                                         "(< data.min_test_cases 10); pass --data.test_fraction to take one")
+    assert split["held_out"]["val"].startswith("2 cases (data.val_fraction 0.15): they monitor training")
+    assert "set by the user: 2 of 10 cases" in make_split(IDS, DataConfig(), test_asked=True)["held_out"]["test"]
+    assert take_test_split(IDS, DataConfig(test_fraction=0.0), True) == (0.0, "no test split: data.test_fraction 0")
+
+
+def test_the_rule_counts_patients_not_scans():
+    """67 patients with 134 scans: 15% is 10 patients, a test split; 60 patients (120 scans) hold 9: none."""
+    def scans(n):
+        return [f"BraTS-GLI-{p:05d}-{s:03d}" for p in range(n) for s in range(2)]
+    fraction, why = take_test_split(scans(67), DataConfig(), False)
+    assert fraction == 0.15 and why.startswith("67 patients (134 cases): a 15% test split holds 10")
+    assert take_test_split(scans(60), DataConfig(), False)[0] == 0.0
+
+
+def test_folds_without_a_test_split_deal_every_patient():
+    split = make_split(IDS, DataConfig(folds=5, fold="2"))
+    assert split["test"] == [] and len(split["val"]) == 2 and len(split["train"]) == 8
+    assert split["held_out"]["val"].startswith("2 cases (fold 2 of 5)")

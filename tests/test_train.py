@@ -17,7 +17,7 @@ from config import Config, build_config
 from conftest import SHAPE, TumourDetector, bright_case
 from evaluate import evaluate_cases
 from losses import DiceBCELoss
-from main import run as main_run
+from main import train_and_evaluate
 from model import UNet
 from runtime.checkpoint import load_checkpoint
 from train import refit_steps, validate
@@ -78,7 +78,7 @@ def test_validation_scores_whole_cases_as_evaluation_does(bright_cases):
     val_loss, dice = validate(run, bright_cases, CaseCache(None, 2 ** 30))
     assert dice == {"WT": 1.0, "TC": 1.0, "ET": 1.0} and 0 < val_loss < 0.05
     evaluated = evaluate_cases(run.model, bright_cases, run.cfg, CPU)
-    assert [scores["ET"]["dice"] for _, scores in evaluated] == [1.0] * 3
+    assert [scores["ET"]["dice"] for _, scores, _ in evaluated] == [1.0] * 3
     assert validate(run, [], CaseCache(None, 0)) is None
 
 
@@ -108,7 +108,7 @@ def test_without_validation_cases_best_pt_follows_the_training_loss(tiny_dataset
                         "train.out_dir": str(tmp_path), "train.name": "noval"})
     with warnings.catch_warnings(), caplog.at_level(logging.INFO):
         warnings.simplefilter("error", RuntimeWarning)  # no "mean of empty slice"
-        run_dir = main_run(cfg)
+        run_dir = train_and_evaluate(cfg)
     assert sum("no validation cases" in r.getMessage() for r in caplog.records) == 1
     # no train.max_minutes: nothing planned, today's recipe (ReduceLROnPlateau, early stopping)
     assert not os.path.exists(os.path.join(run_dir, "plan.json"))

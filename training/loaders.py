@@ -1,4 +1,4 @@
-"""DataLoaders over a Dataset in an order that is a pure function of (seed, epoch).
+"""Training DataLoaders over a Dataset in a shuffled order that is a pure function of (seed, epoch).
 
 Under DDP each rank takes its shard of that order, read from `distributed` (world size 1 without
 torchrun). A resumed partial epoch skips the batches it already took, so it sees the same samples
@@ -20,32 +20,27 @@ def loader_workers(requested, device):
     return 0 if device.type == "cpu" else min(4, os.cpu_count() or 1)
 
 
-def epoch_order(n, shuffle, seed, epoch):
+def epoch_order(n, seed, epoch):
     """The sample order of an epoch: a pure function of (seed, epoch), so a resumed run repeats it."""
-    if not shuffle:
-        return list(range(n))
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
 
 
-def shard_order(n, shuffle, seed, epoch, rank, world_size):
-    """This rank's share of an epoch under DDP. Training (shuffle): torch's DistributedSampler with
-    set_epoch, which pads with repeats so every rank takes the same number of steps (DDP needs it).
-    Evaluation: cases i = rank, rank + world, ... with no padding, so nothing is counted twice."""
-    if not shuffle:
-        return list(range(rank, n, world_size))
+def shard_order(n, seed, epoch, rank, world_size):
+    """This rank's share of an epoch under DDP: torch's DistributedSampler with set_epoch, which pads
+    with repeats so every rank takes the same number of steps (DDP needs it)."""
     sampler = DistributedSampler(range(n), num_replicas=world_size, rank=rank, shuffle=True, seed=seed)
     sampler.set_epoch(epoch)
     return list(sampler)
 
 
-def make_loader(dataset, batch_size, shuffle, *, num_workers=0, seed=0, epoch=0, pin_memory=False, skip_batches=0):
-    """A DataLoader over the epoch's order (this rank's shard of it under DDP), skipping the batches
-    a resumed partial epoch already took."""
+def make_loader(dataset, batch_size, *, num_workers=0, seed=0, epoch=0, pin_memory=False, skip_batches=0):
+    """A DataLoader over the epoch's shuffled order (this rank's shard of it under DDP), skipping the
+    batches a resumed partial epoch already took."""
     world_size = distributed.world_size()
     if world_size > 1:
-        order = shard_order(len(dataset), shuffle, seed, epoch, distributed.rank(), world_size)
+        order = shard_order(len(dataset), seed, epoch, distributed.rank(), world_size)
     else:
-        order = epoch_order(len(dataset), shuffle, seed, epoch)
+        order = epoch_order(len(dataset), seed, epoch)
     order = order[skip_batches * batch_size:]
     return DataLoader(dataset, batch_size=batch_size, sampler=order, num_workers=num_workers,
                       pin_memory=pin_memory, drop_last=False, persistent_workers=False)

@@ -1,8 +1,8 @@
 """The objects of a training run, and one optimisation step over them.
 
 A step is: autocast (train.precision), loss, zero_grad, backward, unscale, clip, optimizer step;
-a NaN/Inf loss or gradient skips it (guards.BadStepGuard). train.py runs it every step and
-bench.py times this same function, so the benchmark measures what training does.
+a NaN/Inf loss or gradient skips it (guards.BadStepGuard). train.py runs it every step, and the
+planner (planning/speed.py) and bench.py time this same function, so both measure what training does.
 Under train.schedule poly or cosine the learning rate is a pure function of the global step
 (`scheduled_lr`, nanoGPT's way), so a resumed run, which restores the step, continues it exactly.
 """

@@ -4,7 +4,7 @@ import torch
 
 
 def zscore(image, mean, std):
-    """Per-channel z-score with given brain statistics (cases.brain_stats, or a file's brain_mean and
+    """Per-channel z-score with given brain statistics (brain_stats below, or a file's brain_mean and
     brain_std); the background (0) stays 0. A float32 tensor, computed in float64 as the statistics are."""
     image = torch.as_tensor(image, dtype=torch.float32)
     view = (-1,) + (1,) * (image.dim() - 1)
@@ -22,7 +22,7 @@ def zscore_brain(image):
 def brain_stats(image):
     """Per-channel mean and std over the brain (non-zero voxels) of a (C, *spatial) image: float64
     arrays of length C; a channel without brain gets (0, 1). Taken from sums, to which the background
-    adds nothing: boolean indexing would copy the brain out (5-10x slower)."""
+    adds nothing: boolean indexing would copy the brain out first, several times slower."""
     means, stds = [], []
     for channel in np.asarray(image):
         count = np.count_nonzero(channel)
