@@ -221,9 +221,9 @@ class PlannerDefaults:
     slice_factors: tuple = (1.0, 0.75, 0.5)  # in-plane sizes weighed, as shares of the cases' median (H, W):
                                        # native down to half (LGG masks taken to half and back keep Dice 0.992)
     slice_widths: tuple = (16, 24, 32)  # model.base_channels weighed (32: the LGG reference's)
-    slice_target_steps: int = 6000     # the costliest (size, width) that buys this many steps, else the cheapest:
-                                       # twice the ~3,000 after which 128x128 width 16 stopped gaining on LGG
-                                       # (no larger network was measured past 1,400 steps)
+    slice_target_epochs: int = 100     # the costliest (size, width) whose steps make this many passes over the
+                                       # training slices, as the LGG reference trains its 256x256 width-32 net
+                                       # (100 epochs in batches of 16); else the cheapest
     slice_max_depth: int = 4           # downsamplings at most (on LGG depth 3 scored lower than 4)...
     slice_min_bottleneck: int = 8      # ...while the bottleneck keeps this many pixels a side
     slice_batch: int = 16              # slices a step: batch norm's statistics over 16 slices, as the LGG reference

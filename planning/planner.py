@@ -3,7 +3,6 @@ the recipe for what is left of train.max_minutes and apply it to the config."""
 import copy
 import json
 import logging
-import math
 import time
 
 from cases.h5 import case_format
@@ -38,21 +37,26 @@ def slice_timing_config(cfg, point, context):
     return timed
 
 
+def predicted_timing(last, width, steps=PLANNER.speed_steps):
+    """Seconds timing `width` at the size of the timed point `last` would take: its one-time reads
+    again, then its warm-up and timed steps and forwards scaled by the square of the width ratio."""
+    loop = (steps + 2) * last["step_seconds"] + 3 * last["forward_seconds"]
+    return max(0.0, last["seconds"] - loop) + loop * (width / last["base_channels"]) ** 2
+
+
 def measure_slices(cfg, explicit, fp, paths, device):
     """2D: training's step and loader timed on the first slice_speed_cases training cases at
     planning.slices.timing_points, narrowest width first. The wider point is not timed when its
-    timing, predicted from the last one's by pixels x width**2, would end past speed_seconds; the
-    plan then assumes slice_width_exponent. Returns one speed table."""
+    timing (predicted_timing) would end past speed_seconds; the plan then assumes
+    slice_width_exponent. Returns one speed table."""
     batch = int(explicit.get("train.batch_size", PLANNER.slice_batch))
     cases, context = sorted(paths)[:PLANNER.slice_speed_cases], slice_context(fp, explicit)
     start, table = time.perf_counter(), None
     for point in timing_points(fp, explicit):
-        if table is not None:
-            last = table["points"][-1]
-            cost = math.prod(point[0]) * point[2] ** 2 / (math.prod(last["size"]) * last["base_channels"] ** 2)
-            if time.perf_counter() - start + cost * last["seconds"] > PLANNER.speed_seconds:
-                log.info("speed: width %d not timed (predicted to end past %g s)", point[2], PLANNER.speed_seconds)
-                break
+        if table is not None and \
+                time.perf_counter() - start + predicted_timing(table["points"][-1], point[2]) > PLANNER.speed_seconds:
+            log.info("speed: width %d not timed (predicted to end past %g s)", point[2], PLANNER.speed_seconds)
+            break
         timed = measure_speed(slice_timing_config(cfg, point, context), cases, device, [tuple(point[0])],
                               batch_size=batch)
         table = timed if table is None else {**table, "points": table["points"] + timed["points"]}

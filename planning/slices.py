@@ -5,11 +5,12 @@ The candidates are in-plane slice sizes, from the training cases' median (H, W) 
 costs seconds a step by a model fitted to training's own step, timed at the smallest size with
 the narrowest and the widest width: seconds = k x pixels in the batch x width**p (p from the two
 widths; PLANNER.slice_width_exponent when only one was timed). The plan takes the costliest
-candidate for which the budget, after validation's share, buys slice_target_steps steps, else the
-cheapest. The steps every candidate buys grow with the budget, so a larger budget never gives a
-cheaper recipe. Depth, batch, 2.5D context and learning rate follow fixed rules; the schedule is
-poly over the planned steps with a short warm-up. A key given explicitly is taken as given and the
-rest is planned around it. Why these figures, and what they were measured against: docs/lgg.md.
+candidate for which the budget, after validation's share, buys the steps of slice_target_epochs
+passes over the training slices, else the cheapest. The steps every candidate buys grow with the
+budget, so a larger budget never gives a cheaper recipe. Depth, batch, 2.5D context and learning
+rate follow fixed rules; the schedule is poly over the planned steps with a short warm-up. A key
+given explicitly is taken as given and the rest is planned around it. Why these figures:
+docs/training.md (The 2D slices plan) and docs/lgg.md (What the planner chooses).
 """
 import math
 
@@ -74,15 +75,10 @@ def slice_context(fp, explicit):
 
 
 def timing_points(fp, explicit):
-    """[(size, depth, width)] training's step is timed at: the smallest size weighed at the narrowest
-    width, then the widest width at a size with about as many pixels x width**2 (so its timing costs
-    about as much; a multiple of 2**depth); one point when only one width is weighed."""
+    """[(size, depth, width)] training's step is timed at: the smallest size weighed, with the
+    narrowest width and then the widest (one point when only one width is weighed)."""
     (size, depth), widths = slice_sizes(fp, explicit)[-1], slice_widths(explicit)
-    points = [(size, depth, widths[-1])]
-    if widths[0] != widths[-1]:
-        step, scale = 2 ** depth, widths[-1] / widths[0]
-        points.append(([max(step, step * round(n * scale / step)) for n in size], depth, widths[0]))
-    return points
+    return [(size, depth, width) for width in sorted({widths[-1], widths[0]})]
 
 
 def _power_fit(points, key):
@@ -124,9 +120,16 @@ def weigh(size, depth, width, *, fit, budget_s, val_cases, slices, batch):
             "steps": int(max(0.0, budget_s - reserved) // step_s)}
 
 
-def pick(weighed):
-    """The costliest candidate that buys slice_target_steps, else the cheapest."""
-    enough = [c for c in weighed if c["steps"] >= PLANNER.slice_target_steps]
+def target_steps(fp, explicit, batch):
+    """Steps of slice_target_epochs passes over the training slices (the cases times the median
+    case's slices, or data.slices_per_case), in batches of `batch`."""
+    per_case = int(explicit.get("data.slices_per_case", 0)) or fp["median_shape"][0]
+    return math.ceil(PLANNER.slice_target_epochs * fp["n_cases"] * per_case / batch)
+
+
+def pick(weighed, target):
+    """The costliest candidate that buys `target` steps, else the cheapest."""
+    enough = [c for c in weighed if c["steps"] >= target]
     if enough:
         return max(enough, key=lambda c: (c["step_seconds"], math.prod(c["size"])))
     return min(weighed, key=lambda c: (c["step_seconds"], -math.prod(c["size"])))
@@ -136,15 +139,15 @@ def _px(size):
     return "x".join(str(int(s)) for s in size)
 
 
-def choice_reason(c, weighed, budget_minutes):
+def choice_reason(c, weighed, budget_minutes, target):
     """Why this (size, width): the rule's branch, the steps it buys and those of the next costlier."""
     costlier = [w for w in weighed if w["step_seconds"] > c["step_seconds"]]
     nearest = min(costlier, key=lambda w: w["step_seconds"]) if costlier else None
     other = (f"; the next costlier, {_px(nearest['size'])} at width {nearest['base_channels']}, buys "
              f"{nearest['steps']}" if nearest else "; nothing costlier is weighed")
-    head = (f"the costliest (size, width) for which {budget_minutes:g} min buys >= {PLANNER.slice_target_steps} "
-            f"steps" if c["steps"] >= PLANNER.slice_target_steps else
-            f"no (size, width) buys {PLANNER.slice_target_steps} steps in {budget_minutes:g} min: the cheapest")
+    epochs = f"{target} steps ({PLANNER.slice_target_epochs} passes over the training slices)"
+    head = (f"the costliest (size, width) for which {budget_minutes:g} min buys >= {epochs}"
+            if c["steps"] >= target else f"no (size, width) buys {epochs} in {budget_minutes:g} min: the cheapest")
     return f"{head} ({c['steps']} steps of {c['batch_size']} slices{other})"
 
 
@@ -159,10 +162,10 @@ def speed_reason(speed, fit):
             f"(width^2 would predict {check['width_squared_predicts']:.3f} s at width {check['width']})")
 
 
-def explain(c, *, fp, weighed, budget_minutes, context, validations, speed, fit):
+def explain(c, *, fp, weighed, budget_minutes, target, context, validations, speed, fit):
     """A short reason for each key the 2D plan sets; `context`: slice_context's answer."""
     native = _px(fp["median_shape"][1:])
-    choice = choice_reason(c, weighed, budget_minutes)
+    choice = choice_reason(c, weighed, budget_minutes, target)
     return {
         "data.image_size": f"from the cases' median {native} down to half of it: {choice}",
         "model.base_channels": f"of {', '.join(map(str, PLANNER.slice_widths))}, with the slice size: {choice}",
@@ -193,7 +196,8 @@ def plan_slices(fp, budget_minutes, speed, *, explicit, val_cases):
     weighed = [weigh(size, depth, width, fit=fit, budget_s=budget_s, val_cases=val_cases,
                      slices=fp["median_shape"][0], batch=batch)
                for size, depth in slice_sizes(fp, explicit) for width in slice_widths(explicit)]
-    chosen = pick(weighed)
+    target = target_steps(fp, explicit, batch)
+    chosen = pick(weighed, target)
     steps = max(1, int(explicit.get("train.max_steps", chosen["steps"])))
     validations = min(chosen["validations"], steps)
     context = slice_context(fp, explicit)
@@ -202,15 +206,16 @@ def plan_slices(fp, budget_minutes, speed, *, explicit, val_cases):
               "model.in_channels": context[1], "train.lr": PLANNER.slice_lr, "train.schedule": "poly",
               "train.warmup_steps": max(1, round(PLANNER.warmup_share * steps)), "train.max_steps": steps,
               "train.val_every": max(1, steps // validations), "train.epochs": 0}
-    why = explain(chosen, fp=fp, weighed=weighed, budget_minutes=budget_minutes, context=context,
+    why = explain(chosen, fp=fp, weighed=weighed, budget_minutes=budget_minutes, target=target, context=context,
                   validations=validations, speed=speed, fit=fit)
-    return values, why, {"chosen": chosen, "weighed": weighed, "speed_fit": fit, "validations": validations}
+    return values, why, {"chosen": chosen, "weighed": weighed, "speed_fit": fit, "validations": validations,
+                         "target_steps": target}
 
 
 def slice_constants():
     """The figures a 2D plan used, as plan.json records them."""
     return {"SLICE_FACTORS": list(PLANNER.slice_factors), "SLICE_WIDTHS": list(PLANNER.slice_widths),
-            "SLICE_TARGET_STEPS": PLANNER.slice_target_steps, "SLICE_MAX_DEPTH": PLANNER.slice_max_depth,
+            "SLICE_TARGET_EPOCHS": PLANNER.slice_target_epochs, "SLICE_MAX_DEPTH": PLANNER.slice_max_depth,
             "SLICE_MIN_BOTTLENECK": PLANNER.slice_min_bottleneck, "SLICE_BATCH": PLANNER.slice_batch,
             "SLICE_CONTEXT": PLANNER.slice_context, "SLICE_LR": PLANNER.slice_lr,
             "SLICE_WIDTH_EXPONENT": PLANNER.slice_width_exponent, "VAL_SHARE": PLANNER.val_share,

@@ -132,7 +132,9 @@ def measure_speed(cfg, train_paths, device, sizes, *, batch_size=PLANNER.batch_s
             log.info("speed: timed %d of %d sizes within %g s", len(points), len(sizes), max_seconds)
             break
         begun, sized = time.perf_counter(), timing_config(cfg, size, batch_size)
-        if train_set is None:
+        # a patch set reads each sample at its size from disk, so its per-case reads carry over to the
+        # next size; a slices set caches cases prepared at one size, so each size needs its own
+        if train_set is None or sized.data.mode != "patch":
             train_set = build_dataset(sized.data, train_paths, seed=cfg.train.seed)
             read_cases_once(train_set, sized, device, steps + 1)
         else:

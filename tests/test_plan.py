@@ -360,13 +360,9 @@ SLICES = {"data.mode": "slices", "model.dims": 2, "data.channels": 3}
 def slice_speed(step_128=0.17, exponent=1.7, widths=(16, 32), device="cpu"):
     """A 2D speed table as planner.measure_slices returns it: a step of 16 slices of 128x128 at
     width 16 takes step_128 s, and seconds scale with pixels x width**exponent."""
-    points = []
-    for width in widths:
-        side = 128 * 16 // width  # the timing points: about as many pixels x width**2 each
-        voxels = 16 * side * side
-        step = step_128 * voxels / (16 * 128 * 128) * (width / 16) ** exponent
-        points.append({"base_channels": width, "size": [side, side], "voxels": voxels, "step_seconds": step,
-                       "forward_seconds": step / 6})
+    points = [{"base_channels": width, "size": [128, 128], "voxels": 16 * 128 * 128,
+               "step_seconds": step_128 * (width / 16) ** exponent,
+               "forward_seconds": step_128 / 6 * (width / 16) ** exponent} for width in widths]
     return {"device": device, "batch_size": 16, "depth": 4, "base_channels": widths[0], "points": points}
 
 
@@ -380,15 +376,19 @@ def test_2d_half_an_hour_on_2_cpu_cores_plans_the_cpu_recipe_and_a_fast_device_t
     assert (values["data.image_size"], values["model.base_channels"], values["model.depth"]) == ([128, 128], 16, 4)
     assert (values["train.batch_size"], values["data.slice_context"], values["model.in_channels"]) == (16, 1, 9)
     assert values["train.lr"] == 1e-3 and values["train.schedule"] == "poly" and values["train.epochs"] == 0
-    assert values["train.max_steps"] >= PLANNER.slice_target_steps
+    target = math.ceil(PLANNER.slice_target_epochs * 37 * 36 / 16)  # passes over 37 cases of 36 slices
+    assert plan_2d(30, slice_speed())["estimates"]["target_steps"] == target <= values["train.max_steps"]
     for speed in (slice_speed(step_128=0.002, exponent=0.5, device="cuda"), slice_speed()):
         budget = 30 if speed["device"] == "cuda" else 3000  # a GPU's half hour, or two days on the CPU
         values = plan_2d(budget, speed)["values"]
         assert (values["data.image_size"], values["model.base_channels"]) == ([256, 256], 32)
     slow = plan_2d(30, slice_speed(step_128=2.0))  # a busy machine: nothing buys the target, the cheapest
     assert (slow["values"]["data.image_size"], slow["values"]["model.base_channels"]) == ([128, 128], 16)
-    assert slow["values"]["train.max_steps"] < PLANNER.slice_target_steps and "the cheapest" in \
-        slow["why"]["data.image_size"]
+    assert slow["values"]["train.max_steps"] < target and "the cheapest" in slow["why"]["data.image_size"]
+    sampled = plan_2d(30, slice_speed(), {"data.slices_per_case": 8})  # shorter epochs: a larger network
+    assert sampled["estimates"]["target_steps"] == math.ceil(PLANNER.slice_target_epochs * 37 * 8 / 16)
+    assert sampled["estimates"]["chosen"]["step_seconds"] > plan_2d(30, slice_speed())["estimates"]["chosen"][
+        "step_seconds"]
 
 
 def test_2d_a_larger_budget_never_gives_a_cheaper_recipe_and_sizes_stay_between_half_and_native():
@@ -416,11 +416,16 @@ def test_2d_speed_model_fits_the_width_exponent_from_two_timed_widths():
     assert modelled[((256, 256), 32)] == pytest.approx(0.17 * 4 * 2 ** 1.7)  # 4x the pixels, 2x the width
 
 
-def test_2d_timing_points_are_the_smallest_size_narrowest_and_the_widest_at_as_many_pixels_x_width_squared():
-    assert slices.timing_points(LGG, SLICES) == [([128, 128], 4, 16), ([64, 64], 4, 32)]
+def test_2d_timing_points_are_the_smallest_size_at_the_narrowest_and_the_widest_width():
+    assert slices.timing_points(LGG, SLICES) == [([128, 128], 4, 16), ([128, 128], 4, 32)]
     assert slices.timing_points(LGG, {**SLICES, "model.base_channels": 24}) == [([128, 128], 4, 24)]
     assert slices.timing_points(LGG, {**SLICES, "data.image_size": [3, 200, 200], "model.depth": 3}) == \
-        [([200, 200], 3, 16), ([96, 96], 3, 32)]
+        [([200, 200], 3, 16), ([200, 200], 3, 32)]
+
+
+def test_2d_the_wider_timing_is_predicted_from_the_narrower_one():
+    last = {"base_channels": 16, "step_seconds": 0.5, "forward_seconds": 0.1, "seconds": 4.0}  # 0.7 s of reads
+    assert planner.predicted_timing(last, 32, steps=4) == pytest.approx(0.7 + 4 * 3.3)
 
 
 def test_2d_explicit_keys_win_and_the_rest_is_planned_around_them():
@@ -448,7 +453,9 @@ def test_2d_plan_explains_each_choice_and_records_its_figures(tmp_path):
     assert set(p["why"]) >= set(p["values"]) and all(p["why"][key] for key in p["values"])
     assert f"{p['estimates']['chosen']['steps']} steps" in p["why"]["data.image_size"]
     assert "256x256" in p["why"]["data.image_size"] and "the next costlier" in p["why"]["model.base_channels"]
-    assert p["constants"]["SLICE_TARGET_STEPS"] == PLANNER.slice_target_steps
+    assert p["constants"]["SLICE_TARGET_EPOCHS"] == PLANNER.slice_target_epochs
+    target = f"{p['estimates']['target_steps']} steps ({PLANNER.slice_target_epochs} passes"
+    assert target in p["why"]["data.image_size"]
     assert p["steps"] == {"planned": p["values"]["train.max_steps"], "made": None}
     text = report.format_plan(p)
     assert all(key in text for key in p["values"]) and "width^" in text
@@ -478,6 +485,7 @@ def test_2d_measure_slices_times_training_step_at_the_timing_points_with_the_pla
     fp = fingerprint.fingerprint(paths, case_format(cfg.data), "binary")
     table = planner.measure_slices(cfg, {**SLICES, "train.batch_size": 4}, fp, paths, torch.device("cpu"))
     assert seen[0] == (16, 9, [16, 16], PLANNER.slice_speed_cases)  # the smallest size, 2.5D, a few cases
+    assert seen[1:] in ([], [(32, 9, [16, 16], PLANNER.slice_speed_cases)])  # the widest, unless too slow
     assert [p["base_channels"] for p in table["points"]] in ([16], [16, 32]) and table["slice_context"] == 1
     assert table["batch_size"] == 4 and all(p["step_seconds"] > 0 for p in table["points"])
     values = plan.plan_recipe(fp, 1, table, {**SLICES, "train.batch_size": 4}, val_cases=1)["values"]
