@@ -14,6 +14,7 @@ import torch
 
 from evaluation.confidence import case_confidence
 from evaluation.inference import predict_case
+from evaluation.postprocess import threshold_regions
 from evaluation.scoring import score_probabilities
 
 log = logging.getLogger(__name__)
@@ -30,7 +31,7 @@ def predict_probabilities(members, case, device, *, with_masks=False):
         probs = predict_case(member.model, case.image, member.cfg, device, member.amp_dtype,
                              case.spacing).float().cpu()
         if with_masks and len(members) > 1:
-            masks.append((probs > member.cfg.eval.threshold).numpy())
+            masks.append(threshold_regions(probs, member.cfg.eval))
         total = probs if total is None else total + probs
     mean = total / len(members)
     return (mean, masks) if with_masks else mean

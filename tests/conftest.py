@@ -24,13 +24,21 @@ def blob_case(rng, shape, with_enhancing=True):
     mask[(dist < radius) & brain] = 2
     mask[(dist < radius * 0.6) & brain] = 4 if with_enhancing else 1
     mask[(dist < radius * 0.3) & brain] = 1
-    means = {0: (100, 200, 150, 120), 1: (250, 90, 60, 300), 2: (300, 120, 160, 320), 4: (260, 110, 500, 260)}
-    image = np.zeros((4, *shape), np.float32)
-    for label, mean in means.items():
+    return paint(mask, brain, rng), mask
+
+
+# mean intensity of each label in the four channels (FLAIR, T1, T1ce, T2-like), background 0
+LABEL_MEANS = {0: (100, 200, 150, 120), 1: (250, 90, 60, 300), 2: (300, 120, 160, 320), 4: (260, 110, 500, 260)}
+
+
+def paint(mask, brain, rng, noise=15):
+    """A (4, *shape) float32 image: each label's LABEL_MEANS inside the brain plus Gaussian noise, 0 outside."""
+    image = np.zeros((4, *mask.shape), np.float32)
+    for label, mean in LABEL_MEANS.items():
         region = brain & (mask == label)
         for c in range(4):
-            image[c][region] = mean[c] + rng.normal(0, 15, region.sum())
-    return image, mask
+            image[c][region] = mean[c] + rng.normal(0, noise, region.sum())
+    return image
 
 
 def write_blob_dataset(folder, n_cases=6, shape=(20, 24, 22), seed=0):

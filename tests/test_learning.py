@@ -13,11 +13,11 @@ import numpy as np
 
 import main
 from cases.h5 import write_case
+from conftest import paint
 
 FLOOR = 0.75  # trained: 0.88-0.98 per region on three data seeds; untrained: below 0.1
 # the labels of each region, written out here rather than read from the code under test
 LABELS = {"WT": (1, 2, 4), "TC": (1, 4), "ET": (4,)}
-MEANS = {0: (100, 200, 150, 120), 1: (250, 90, 60, 300), 2: (300, 120, 160, 320), 4: (260, 110, 500, 260)}
 COMMON = ["--data.image_size", "16", "--model.base_channels", "4", "--model.depth", "2", "--data.num_workers", "0",
           "--data.val_fraction", "0.25", "--data.test_fraction", "0.25", "--train.batch_size", "2",
           "--train.epochs", "0", "--train.val_every", "60"]
@@ -41,12 +41,7 @@ def tumour_case(rng, shape):
     core = dist < radius * 0.63
     mask[core] = 1
     mask[core & (grid[..., 0] > tumour[0] + 0.19 * radius)] = 4
-    image = np.zeros((4, *shape), np.float32)
-    for label, mean in MEANS.items():
-        region = brain & (mask == label)
-        for c in range(4):
-            image[c][region] = mean[c] + rng.normal(0, 15, region.sum())
-    return image, mask
+    return paint(mask, brain, rng), mask
 
 
 def write_cases(folder, n_cases, shape, binary=False):
