@@ -128,6 +128,8 @@ class TrainConfig:
     val_every: int = 0                 # validate every this many optimizer steps (0: once per epoch)
     batch_dice: bool = False           # soft Dice summed over the batch too (nnU-Net's choice for BraTS regions)
     plan: str = "auto"                 # "auto": plan the recipe from the data when train.max_minutes > 0 | "off"
+    ship: str = "auto"                 # the weights best.pt holds: "best" (the best validation round), "final"
+                                       # (the last round's), "auto": final under poly/cosine, best under plateau
 
 
 @dataclass
@@ -253,6 +255,14 @@ POSTSELECT = PostprocessingCandidates()
 
 SCHEDULES = ("plateau", "poly", "cosine")
 PLAN_CHOICES = ("auto", "off")
+SHIP_CHOICES = ("auto", "best", "final")
+
+
+def ships_final_weights(train_cfg):
+    """Whether best.pt holds the final weights: a poly or cosine schedule ends its learning rate with the
+    run, so its last weights are the model, as nnU-Net ships its final checkpoint; a round picked on
+    one or two validation cases would be picked by noise."""
+    return train_cfg.ship == "final" or (train_cfg.ship == "auto" and train_cfg.schedule != "plateau")
 
 
 def all_keys(cfg):
@@ -356,7 +366,7 @@ def check(cfg, warn=False):
     choices = [("data.mode", data.mode, MODE_DIMS), ("data.task", data.task, TASK_REGIONS),
                ("data.channel_last", data.channel_last, ("auto", "true", "false")),
                ("eval.split", cfg.eval.split, EVAL_SPLITS), ("train.schedule", cfg.train.schedule, SCHEDULES),
-               ("train.plan", cfg.train.plan, PLAN_CHOICES)]
+               ("train.plan", cfg.train.plan, PLAN_CHOICES), ("train.ship", cfg.train.ship, SHIP_CHOICES)]
     for key, value, allowed in choices:
         if value not in allowed:
             raise ValueError(f"{key} {value!r}: choose one of {', '.join(map(repr, allowed))}")

@@ -25,7 +25,7 @@ from cases.splits import list_cases, make_split, validate_cases
 from config import Config, build_config, check, explicit_keys, from_dict
 from dataset import build_dataset
 from evaluate import evaluate_checkpoint
-from evaluation.postselect import choose_for_checkpoint
+from evaluation.postselect import choose_for_checkpoint, choose_for_folds
 from evaluation.reports import format_table
 from losses import DiceBCELoss
 from model import build_model
@@ -53,8 +53,8 @@ log = logging.getLogger("main")
 
 # printed under the validation table of a run without a test split
 NO_TEST_NOTE = ("{why}.\nThese validation figures are what this run can tell about accuracy; they are slightly "
-                "optimistic, since these cases chose best.pt and the postprocessing. Score cases the run never "
-                "saw with: python evaluate.py --checkpoint {best} --data.dir DIR --split all")
+                "optimistic, since these cases chose the postprocessing (and under train.ship best, best.pt). Score "
+                "cases the run never saw with: python evaluate.py --checkpoint {best} --data.dir DIR --split all")
 
 
 def ensure_data(data_cfg):
@@ -110,11 +110,13 @@ def make_training(cfg, model, device, started, fit_steps):
     return training
 
 
-def evaluate_best(best_path, val_paths, split, run_dir, device, *, planned=False):
-    """Choose postprocessing on the validation cases, then score best.pt on the test split, or on the
-    validation cases when the run holds out no test cases, so the user always sees a figure; rank 0
-    lists the run's outputs (plan.json when `planned`)."""
-    choose_for_checkpoint(best_path, val_paths, run_dir, device)
+def evaluate_best(best_path, val_paths, split, run_dir, device, *, planned=False, choose=True):
+    """Choose postprocessing on the validation cases (unless not `choose`: cross-validation chooses on
+    every fold's), then score best.pt on the test split, or on the validation cases when the run holds
+    out no test cases, so the user always sees a figure; rank 0 lists the run's outputs (plan.json
+    when `planned`)."""
+    if choose:
+        choose_for_checkpoint(best_path, val_paths, run_dir, device)
     part = "test" if split["test"] else "val"
     if split[part]:
         summary = evaluate_checkpoint(best_path, part, run_dir, device=device)  # sharded under DDP
@@ -127,10 +129,11 @@ def evaluate_best(best_path, val_paths, split, run_dir, device, *, planned=False
               f"curves.png last.pt best.pt" + (" summary.json per_case.csv" if split[part] else ""))
 
 
-def train_and_evaluate(cfg, resume=None, explicit=None):
+def train_and_evaluate(cfg, resume=None, explicit=None, choose=True):
     """Train (or continue `resume`, a (checkpoint path, state) pair) and evaluate the best checkpoint;
     returns the run folder. `explicit`: {key: value} the user set, which a plan keeps (default: every
-    key off its default). Raises Interrupted when a stop signal ends training.
+    key off its default); `choose`: choose the postprocessing on this run's validation cases.
+    Raises Interrupted when a stop signal ends training.
 
     Under torchrun every rank runs this; rank 0 alone creates and writes the run folder."""
     started = time.time()  # train.max_minutes counts the planning too
@@ -156,24 +159,28 @@ def train_and_evaluate(cfg, resume=None, explicit=None):
     best_path, stopped_by = fit(training, train_set, files["val"], run_dir, resume[1] if resume else None)
     if stopped_by is not None:
         raise Interrupted(stopped_by, run_dir)
-    evaluate_best(best_path, files["val"], split, run_dir, device, planned=plan is not None)
+    evaluate_best(best_path, files["val"], split, run_dir, device, planned=plan is not None, choose=choose)
     return run_dir
 
 
 def run_folds(cfg, explicit=None):
-    """data.fold all: train fold 0..K-1 one after another, each a normal run in RUN/fold_<i>, then
-    evaluate the ensemble of their best.pt on the test split (which no fold trains or validates on),
-    when there is one."""
+    """data.fold all: train fold 0..K-1 one after another, each a normal run in RUN/fold_<i>; choose the
+    postprocessing once on every fold's validation cases pooled (each predicted by the fold that did not
+    train on it: the cross-validation estimate); then evaluate the ensemble of their best.pt on the test
+    split (which no fold trains or validates on), when there is one."""
     parent = os.path.join(cfg.train.out_dir, distributed.broadcast_object(run_name(cfg.train)))
     # every rank stops when the folder is taken, not only the one that looked
     on_main_rank(lambda: check_free(parent, cfg.train.overwrite),
                  FileExistsError(f"{parent}: run folder exists and is not empty; choose another --train.name "
                                  f"or pass --train.overwrite true"))
+    fold_dirs = []
     for fold in range(cfg.data.folds):
         fold_cfg = copy.deepcopy(cfg)
         fold_cfg.data.fold, fold_cfg.train.out_dir, fold_cfg.train.name = str(fold), parent, f"fold_{fold}"
         log.info("cross-validation: fold %d of %d", fold + 1, cfg.data.folds)
-        train_and_evaluate(fold_cfg, explicit=explicit)
+        fold_dirs.append(train_and_evaluate(fold_cfg, explicit=explicit, choose=False))
+    if cfg.eval.choose_postprocessing:
+        choose_on_every_fold(cfg, parent, fold_dirs)
     if read_split(os.path.join(parent, "fold_0"))["test"]:  # every fold holds out the same test cases
         summary = evaluate_checkpoint(parent, "test", parent)  # sharded under DDP
         if distributed.is_main():
@@ -182,6 +189,18 @@ def run_folds(cfg, explicit=None):
         print(f"no test split: the folds' validation figures above ({parent}/fold_<i>/summary.json) are the "
               f"estimate; each case is validated by the one fold that did not train on it")
     return parent
+
+
+def choose_on_every_fold(cfg, parent, fold_dirs):
+    """The postprocessing chosen on the pooled out-of-fold predictions; rank 0 prints their figures."""
+    by_id = {case_id_of(p): p for p in list_cases(cfg.data.dir)}
+    runs = [(os.path.join(d, "best.pt"), [by_id[c] for c in read_split(d)["val"]]) for d in fold_dirs]
+    report = choose_for_folds(runs, parent, resolve_device(cfg.train.device))
+    if distributed.is_main():
+        regions = report["result"]["dice"]
+        print(f"cross-validation, {report['cases']} cases each predicted by the fold that did not train on it, "
+              f"postprocessing {report['chosen']} chosen on all of them (postprocessing.json): mean Dice "
+              + " ".join(f"{r} {v:.3f}" for r, v in regions.items()))
 
 
 def configure(pairs, args):

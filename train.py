@@ -6,7 +6,8 @@ round: validation (`validate`: whole validation cases predicted, postprocessed a
 native grid exactly as evaluate.py does, through evaluation/ensemble.evaluate_case), under train.schedule
 plateau ReduceLROnPlateau on the validation loss and early stopping after `train.patience` rounds
 without improvement (poly/cosine set the learning rate per step instead), best.pt when the mean
-validation Dice improves, a row in metrics.csv (epoch: the round's number, step: optimizer steps
+validation Dice improves (under poly/cosine, train.ship auto: every round, so the run ships its
+final weights), a row in metrics.csv (epoch: the round's number, step: optimizer steps
 so far), curves.png redrawn, last.pt written. Training ends at train.epochs, train.max_steps or
 train.max_minutes, whichever comes first, after one last validation. Every file is written atomically.
 With no validation cases (data.val_fraction 0) the training loss takes the validation's place:
@@ -29,7 +30,7 @@ from tqdm import tqdm
 
 from cases.cache import CaseCache
 from cases.h5 import case_format
-from config import PLANNER, to_dict
+from config import PLANNER, ships_final_weights, to_dict
 from evaluation.ensemble import evaluate_case
 from planning.report import record_made_steps
 from runtime import distributed
@@ -278,9 +279,10 @@ def fit(run, train_set, val_paths, run_dir, resume=None):
 
 
 def write_outputs(run, run_dir, history, position, improved):
-    """last.pt, best.pt when the round improved, metrics.csv and curves.png; rank 0 only."""
+    """last.pt, best.pt when the round improved (every round when train.ship keeps the final weights),
+    metrics.csv and curves.png; rank 0 only."""
     state = checkpoint_state(run, history, position)
-    if improved:
+    if improved or ships_final_weights(run.cfg.train):
         save_checkpoint(os.path.join(run_dir, "best.pt"), state)
     save_last(run_dir, state)
     write_history(run_dir, history)

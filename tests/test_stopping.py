@@ -57,6 +57,15 @@ def test_training_stops_after_patience_rounds_without_improvement(tmp_path, capl
     assert load_checkpoint(str(run_dir / "best.pt"))["epoch"] == 1
 
 
+@pytest.mark.parametrize("ship, shipped_epoch", [("auto", 3), ("final", 3), ("best", 1)])
+def test_a_poly_run_ships_its_final_weights_unless_asked_for_the_best_round(tmp_path, ship, shipped_epoch):
+    # lr 0: every round validates the same, so only round 1 ever "improves"; poly ends the lr with the run
+    run_dir, rows = run_main(tmp_path, "--train.lr", "0", "--train.schedule", "poly", "--train.max_steps", "6",
+                             "--train.epochs", "0", "--train.patience", "0", "--train.ship", ship)
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"]
+    assert load_checkpoint(str(run_dir / "best.pt"))["epoch"] == shipped_epoch
+
+
 def test_plateau_scheduler_cuts_the_learning_rate_when_validation_loss_stalls(tmp_path):
     run_dir, rows = run_main(tmp_path, "--train.lr", "1e-6", "--train.epochs", "4", "--train.patience", "0",
                              "--train.lr_patience", "0", "--train.lr_factor", "0.5")
