@@ -16,8 +16,10 @@ improve than worsen (per-case mean Dice over regions, HD95 deciding a tie), and 
 network found the tumour before the search (sensitivity of the first region, WT or tumour, at least
 DETECTED) ends with that region's Dice under half of what it was then. Keys the user set away
 from their defaults are not searched, and the search starts from them.
-The chosen keys go to postprocessing.json in the run folder (with each option's scores and the
-cases it improved, worsened and lost) and into best.pt under "postprocessing"; `stored_config`
+Under cross-validation (data.folds K, data.fold all) the choice is made once, on every fold's
+validation cases pooled (choose_for_folds), so it rests on every case outside the test split.
+The chosen keys go to postprocessing.json in the run folder (with each option's scores, the
+cases it improved, worsened and lost, and each case's Dice before and after) and into best.pt under "postprocessing"; `stored_config`
 applies them when a checkpoint is evaluated or exported, and keys given on the command line still win.
 """
 import dataclasses
@@ -196,8 +198,11 @@ def choose_postprocessing(predictions, cfg, fixed=(), steps=None, with_hd95=None
             log.info("postprocessing: %s: keep %s (mean Dice %.4f)", name, winner[0], best.means["mean_dice"])
         else:
             log.info("postprocessing: %s: no option helps most validation cases", name)
+    per_case = [{"case": cid, "raw": {r: round(float(s["dice"]), 5) for r, s in before.items()},
+                 "chosen": {r: round(float(s["dice"]), 5) for r, s in after.items()}}
+                for cid, before, after in zip(ids, raw.cases, best.cases)]
     return {"chosen": current, "cases": len(predictions), "fixed": sorted(fixed), "baseline": raw.means,
-            "result": best.means, "trials": trials}
+            "result": best.means, "trials": trials, "per_case": per_case}
 
 
 def user_set_postprocessing_keys(cfg):
@@ -218,21 +223,42 @@ def choose_for_checkpoint(best_path, val_paths, run_dir, device):
 
 
 def _choose_and_store(best_path, val_paths, run_dir, device):
-    state = load_checkpoint(best_path)
-    cfg = from_dict(state["config"])
+    cfg = from_dict(load_checkpoint(best_path)["config"])
     if not cfg.eval.choose_postprocessing or not val_paths:
         log.info("postprocessing: not chosen (%s)", "data.val_fraction 0: nothing to choose it on"
                  if cfg.eval.choose_postprocessing else "eval.choose_postprocessing is false")
         return None
-    model = build_model(cfg.model).to(device)
-    load_weights(model, state, best_path)
-    report = choose_postprocessing(predict_cases(model, val_paths, cfg, device), cfg,
-                                   fixed=user_set_postprocessing_keys(cfg))
+    return choose_on_pool([(best_path, val_paths)], run_dir, device)
+
+
+def choose_for_folds(fold_runs, run_dir, device):
+    """Cross-validation: choose one postprocessing on the pool of every fold's validation cases, each
+    predicted by the fold that did not train on it (as nnU-Net chooses over its folds), and store it in
+    every fold's best.pt. `fold_runs`: [(best.pt path, validation case paths)]. Rank 0 works, the
+    other ranks wait. Returns the report (None on the other ranks)."""
+    report = choose_on_pool(fold_runs, run_dir, device) if distributed.is_main() else None
+    distributed.barrier()  # every best.pt holds the choice before any rank evaluates the ensemble
+    return report
+
+
+def choose_on_pool(runs, run_dir, device):
+    """Predict each run's validation cases with its best.pt, choose on all of them together, write
+    postprocessing.json to run_dir and the choice into every best.pt; returns the report."""
+    predictions, cfg = [], None
+    for best_path, val_paths in runs:
+        state = load_checkpoint(best_path)
+        cfg = from_dict(state["config"])
+        model = build_model(cfg.model).to(device)
+        load_weights(model, state, best_path)
+        predictions += predict_cases(model, val_paths, cfg, device)
+    report = choose_postprocessing(predictions, cfg, fixed=user_set_postprocessing_keys(cfg))
     write_json(os.path.join(run_dir, "postprocessing.json"), report)
-    state["postprocessing"] = report["chosen"]
-    save_checkpoint(best_path, state)
-    log.info("postprocessing chosen on %d validation cases: %s (written to postprocessing.json and best.pt)",
-             report["cases"], report["chosen"])
+    for best_path, _ in runs:
+        state = load_checkpoint(best_path)
+        state["postprocessing"] = report["chosen"]
+        save_checkpoint(best_path, state)
+    log.info("postprocessing chosen on %d validation cases: %s (written to postprocessing.json and %d best.pt)",
+             report["cases"], report["chosen"], len(runs))
     return report
 
 

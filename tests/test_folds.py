@@ -12,6 +12,7 @@ from cases.h5 import write_case
 from cases.patients import patient_id
 from config import build_config, check
 from conftest import blob_case
+from runtime.checkpoint import load_checkpoint
 
 TINY = ["--data.image_size", "16", "--model.base_channels", "4", "--model.depth", "2", "--train.epochs", "1",
         "--data.num_workers", "0", "--train.batch_size", "2", "--data.test_fraction", "0.15"]
@@ -97,7 +98,15 @@ def test_folds_without_a_test_split_validate_every_patient_once(tmp_path, capsys
     assert all(s["test"] == [] and s["held_out"]["test"].startswith("no test split") for s in splits)
     assert {patient_id(c) for s in splits for c in s["val"]} == {f"BraTS-GLI-{p:05d}" for p in range(7)}
     assert all(read_json(run_dir, f"fold_{i}", "summary.json")["split"] == "val" for i in range(2))
-    assert not os.path.exists(run_dir / "summary.json") and "no test split: the folds'" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert not os.path.exists(run_dir / "summary.json") and "no test split: the folds'" in printed
+    # postprocessing is chosen once, on every fold's validation cases pooled, and every fold ships it
+    pooled = read_json(run_dir, "postprocessing.json")
+    assert sorted(c["case"] for c in pooled["per_case"]) == sorted(c for s in splits for c in s["val"])
+    assert pooled["cases"] == 10 and "cross-validation, 10 cases" in printed
+    for i in range(2):
+        assert not os.path.exists(run_dir / f"fold_{i}" / "postprocessing.json")
+        assert load_checkpoint(str(run_dir / f"fold_{i}" / "best.pt"))["postprocessing"] == pooled["chosen"]
 
 
 @pytest.mark.parametrize("pairs, problem", [
