@@ -57,9 +57,23 @@ def test_a_tiny_recipe_is_trained_scored_and_tabled(tiny_dataset, tmp_path, monk
     assert planned["minutes"] > 0 and saved["overrides"]["data.image_size"] == "16"
     assert sorted(os.listdir(work / "fold0" / "test_cases")) == [f"{c}.h5" for c in test]
     assert os.path.isfile(work / "fold0" / "planned" / "train" / "best.pt")
+    for row in planned["per_case"]:  # scored once more with postprocessing off, next to the shipped figures
+        assert {f"raw_{r}_{m}" for r in ("WT", "TC", "ET") for m in ("dice", "sensitivity")} <= set(row)
+    assert set(planned["raw_dice"]) == {"WT", "TC", "ET"} and len(planned["steps_per_run"]) == 1
     table = capsys.readouterr().out
-    assert table.splitlines()[0].split()[:4] == ["recipe", "Dice", "WT", "TC"]
+    assert table.splitlines()[0].split()[:4] == ["recipe", "Dice", "WT", "(worst)"]
     assert table.splitlines()[1].startswith("planned") and f"{planned['dice']['WT']:.3f}" in table
+
+
+def test_a_detection_that_postprocessing_halved_is_named():
+    rows = [{"case": "kept", "WT_dice": "0.80", "raw_WT_dice": "0.82", "raw_WT_sensitivity": "0.9"},
+            {"case": "lost", "WT_dice": "0.00", "raw_WT_dice": "0.42", "raw_WT_sensitivity": "0.99"},
+            {"case": "never found", "WT_dice": "0.00", "raw_WT_dice": "0.05", "raw_WT_sensitivity": "0.1"}]
+    assert accuracy.halved_detections(rows, "WT") == ["lost"]
+    summary = accuracy.summarise_recipe(rows, [1.0], ["WT"], [{"planned": 10, "made": 9}])
+    assert summary["under_half"] == ["lost", "never found"] and summary["detections_halved"] == ["lost"]
+    assert summary["dice_worst"]["WT"] == 0.0 and summary["raw_dice"]["WT"] == pytest.approx(1.29 / 3)
+    assert summary["hd95"] == {}  # no HD95 column: not scored, not invented
 
 
 def test_a_run_without_a_budget_is_refused(tiny_dataset, tmp_path):
