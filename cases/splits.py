@@ -107,8 +107,10 @@ def _val_reason(split, data_cfg):
     source = (f"fold {data_cfg.fold} of {data_cfg.folds}" if data_cfg.folds
               else f"data.val_fraction {data_cfg.val_fraction:g}")
     if not split["val"]:
-        return f"no validation ({source}): best.pt follows the training loss and no postprocessing is chosen"
-    return f"{len(split['val'])} cases ({source}): they monitor training and choose best.pt and the postprocessing"
+        return (f"no validation ({source}): no postprocessing is chosen; best.pt holds the final weights "
+                f"(poly/cosine) or follows the training loss (plateau)")
+    return (f"{len(split['val'])} cases ({source}): they monitor training and choose the postprocessing "
+            f"(and best.pt under the plateau schedule; poly/cosine ship the final weights)")
 
 
 def make_split(case_ids, data_cfg, *, test_asked=False):
