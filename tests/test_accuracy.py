@@ -8,6 +8,8 @@ import bench
 from benchmarks import accuracy
 from cases.h5 import case_id_of
 from cases.splits import list_cases
+from layout_fixtures import write_lgg_patient
+from prepare_data import main as prepare_main
 
 SCANS = ["BraTS-GLI-00001-000", "BraTS-GLI-00001-001", "BraTS-GLI-00002-000", "BraTS-GLI-00003-000",
          "BraTS-GLI-00004-000", "BraTS-GLI-00005-000", "BraTS-GLI-00005-001", "BraTS-GLI-00006-000"]
@@ -79,3 +81,20 @@ def test_a_detection_that_postprocessing_halved_is_named():
 def test_a_run_without_a_budget_is_refused(tiny_dataset, tmp_path):
     with pytest.raises(SystemExit, match="train.max_minutes"):
         accuracy.main(["--data.dir", tiny_dataset, "--work", str(tmp_path)])
+
+
+def test_the_binary_task_is_benchmarked_with_a_preset(tmp_path, monkeypatch, capsys):
+    """--preset lgg2d on five tiny kaggle_3m patients: the tumour region is scored, raw and shipped."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    for i in range(5):
+        write_lgg_patient(str(tmp_path), f"TCGA_XX_{i:04d}_2000010{i}", n_slices=8, size=64, seed=i)
+    prepare_main(["lgg", str(tmp_path / "kaggle_3m"), str(tmp_path / "h5")])
+    result = accuracy.main(["--preset", "lgg2d", "--data.dir", str(tmp_path / "h5"), "--train.max_minutes", "0.05",
+                            "--recipe", "planned", "--folds", "2", "--work", str(tmp_path / "work"),
+                            "--data.image_size", "32,32", "--model.base_channels", "4", "--model.depth", "2",
+                            "--data.num_workers", "0"])
+    planned = result["recipes"]["planned"]
+    assert result["preset"] == "lgg2d" and planned["cases"] == 5 and list(planned["dice"]) == ["tumour"]
+    assert all("raw_tumour_dice" in row for row in planned["per_case"])
+    header = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("recipe"))
+    assert header.split()[:3] == ["recipe", "Dice", "tumour"]
