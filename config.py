@@ -156,6 +156,8 @@ class EvalConfig:
                                        # eval.unsure_component_peak: one the network is sure of is always kept (0: off)
     unsure_component_peak: float = 0.0  # ...the peak tumour probability (largest region probability) a component
                                         # must reach somewhere to count as confident (0: off)
+    minor_component_share: float = 0.0  # remove every tumour component (26-connected, all its labels) whose
+                                        # probability mass is below this share of the largest one's (0: off)
     choose_postprocessing: bool = True  # after training, choose the postprocessing keys on the validation
                                         # cases and store them in best.pt (evaluation/postselect.py)
 
@@ -247,6 +249,8 @@ class PostprocessingCandidates:
                                        # grid; a 1 mm BraTS tumour has 10^4 - 10^5)
     unsure_peaks: tuple = (0.8, 0.95)  # eval.unsure_component_peak tried with each size: a component whose
                                        # probability never reaches it is unsure
+    minor_shares: tuple = (0.01, 0.02, 0.05, 0.1, 0.2)  # eval.minor_component_share tried: the confident false
+                                       # positives far from the tumour are 1-15% of its mass on real cases
     et_sizes: tuple = (50, 200, 500, 1000)  # eval.postprocess_et_min tried (voxels; BraTS winners relabel ET
                                        # below ~500 at 1 mm)
 

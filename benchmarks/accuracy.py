@@ -54,7 +54,7 @@ TEST_FRACTION = 0.3
 DETECTED = 0.5   # raw sensitivity of the first region at which a case counts as a found tumour
 FORCED = ("data.dir", "data.test_fraction", "train.out_dir", "train.name")  # set per run, here
 RAW = {"eval.largest_component": "false", "eval.min_component_voxels": "0", "eval.unsure_component_voxels": "0",
-       "eval.postprocess_et_min": "0"}  # postprocessing off: these win over what best.pt stores
+       "eval.minor_component_share": "0", "eval.postprocess_et_min": "0"}  # postprocessing off: these win over what best.pt stores
 
 
 def patient_folds(case_ids, folds=0, test_fraction=TEST_FRACTION, seed=0):

@@ -9,8 +9,9 @@ and does all that, for scoring.score_probabilities (validation and evaluation) a
 export.export_case writes `to_label_map` of them, which is that same map.
 A binary task (one channel) is a 0/1 map.
 The label-space operations, each driven by eval.* keys (0 / false: off): keep_largest_tumour,
-remove_small_tumours, remove_unsure_tumours (the only one that reads the probabilities: it removes a
-small component only when the network was unsure of it), relabel_small_enhancing; postselect.py
+remove_small_tumours, remove_unsure_tumours (it removes a small component only when the network was
+unsure of it), remove_minor_tumours (a component holding a small share of the largest one's probability
+mass; these two read the probabilities), relabel_small_enhancing; postselect.py
 chooses among them on the validation cases.
 """
 import numpy as np
@@ -103,16 +104,40 @@ def remove_unsure_tumours(labels, probs, max_voxels, min_peak):
     return labels
 
 
+def remove_minor_tumours(labels, probs, share):
+    """Clear, with all its labels, every tumour component (26-connected, labels > 0) whose probability
+    mass (the sum of tumour_probability over its voxels) is below `share` of the largest component's.
+    The network can be sure of a stray false positive (on real BraTS cases they peak at 0.99 like the
+    tumour), but it holds a few percent of the tumour's mass; the main tumour is never removed, and a
+    smaller second tumour only when it is a small share of the first. 0 keeps everything. A new map."""
+    labels = np.array(labels)
+    if share <= 0:
+        return labels
+    if probs is None:
+        raise ValueError("eval.minor_component_share needs the region probabilities: pass probs")
+    tumour = tumour_probability(probs)
+    if tumour.shape != labels.shape:
+        raise ValueError(f"probabilities of shape {tumour.shape} do not match the label map's {labels.shape}")
+    components, count = ndimage.label(labels > 0, structure=np.ones((3,) * labels.ndim))
+    if count <= 1:
+        return labels
+    index = np.arange(1, count + 1)
+    mass = np.asarray(ndimage.sum(tumour, components, index))
+    labels[np.isin(components, index[mass < share * mass.max()])] = 0
+    return labels
+
+
 def postprocess_labels(labels, task, eval_cfg, probs=None):
     """The configured postprocessing of a label map with the project's labels (ET = 4): tumour
     components first (eval.largest_component, eval.min_component_voxels, then
-    eval.unsure_component_voxels with eval.unsure_component_peak, which reads the region
-    probabilities `probs`), so the ET rule (eval.postprocess_et_min) counts only the enhancing
+    eval.unsure_component_voxels with eval.unsure_component_peak and eval.minor_component_share, which
+    read the region probabilities `probs`), so the ET rule (eval.postprocess_et_min) counts only the enhancing
     tumour that is kept."""
     if eval_cfg.largest_component:
         labels = keep_largest_tumour(labels)
     labels = remove_small_tumours(labels, eval_cfg.min_component_voxels)
     labels = remove_unsure_tumours(labels, probs, eval_cfg.unsure_component_voxels, eval_cfg.unsure_component_peak)
+    labels = remove_minor_tumours(labels, probs, eval_cfg.minor_component_share)
     if task == "brats":
         labels = relabel_small_enhancing(labels, eval_cfg.postprocess_et_min)
     return labels
@@ -121,7 +146,8 @@ def postprocess_labels(labels, task, eval_cfg, probs=None):
 def label_map_regions(pred_regions, task, eval_cfg, probs=None):
     """Boolean (R, *spatial) regions of the postprocessed label map of thresholded `pred_regions`:
     the regions of the exported file (nested for brats), to be scored and exported. `probs`: the
-    region probabilities they were thresholded from, needed only by eval.unsure_component_voxels."""
+    region probabilities they were thresholded from, needed only by eval.unsure_component_voxels and
+    eval.minor_component_share."""
     labels = postprocess_labels(to_label_map(pred_regions, task), task, eval_cfg, probs)
     return labels_to_regions(labels, task_regions(task)).numpy() > 0.5
 

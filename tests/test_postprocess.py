@@ -8,7 +8,13 @@ from scipy import ndimage
 from cases.h5 import Case
 from config import Config
 from evaluation.export import export_case
-from evaluation.postprocess import label_map_regions, relabel_small_enhancing, remove_unsure_tumours, to_label_map
+from evaluation.postprocess import (
+    label_map_regions,
+    relabel_small_enhancing,
+    remove_minor_tumours,
+    remove_unsure_tumours,
+    to_label_map,
+)
 from transforms.regions import REGIONS, labels_to_regions
 
 SHAPE = (7, 9, 11)
@@ -149,3 +155,21 @@ def test_unsure_components_are_26_connected_and_judged_by_their_peak():
                                                                                  torch.from_numpy(probs)).tolist()
     with pytest.raises(ValueError, match="needs the region probabilities"):
         label_map_regions(probs > 0.5, "brats", cfg)
+
+
+def test_minor_components_are_judged_by_probability_mass_not_size():
+    """A 100-voxel false positive the network doubts (0.55: mass 55) and an 8-voxel tumour it is sure
+    of (0.99: mass 7.9, 14% of 55 though only 8% of the voxels): a 0.1 share keeps both; a 1-voxel
+    confident stray (1.8% of the mass) goes at 0.02; the largest component always stays."""
+    probs = np.zeros((1, 12, 12, 12), np.float32)
+    probs[0, 0:4, 0:5, 0:5] = 0.55                       # the false positive, 100 voxels
+    probs[0, 8:10, 8:10, 8:10] = 0.99                    # the tumour, 8 voxels
+    probs[0, 11, 0, 11] = 0.99                           # a confident stray voxel
+    labels = (probs[0] > 0.5).astype(np.uint8)
+    kept = remove_minor_tumours(labels, probs, 0.1)
+    assert kept[8:10, 8:10, 8:10].all() and kept[0:4, 0:5, 0:5].all() and not kept[11, 0, 11]
+    assert remove_minor_tumours(labels, probs, 0.02)[8:10, 8:10, 8:10].all()
+    assert remove_minor_tumours(labels, probs, 0.2)[0:4, 0:5, 0:5].all()   # the largest is never removed
+    assert (remove_minor_tumours(labels, probs, 0) == labels).all()
+    with pytest.raises(ValueError, match="needs the region probabilities"):
+        remove_minor_tumours(labels, None, 0.1)

@@ -101,10 +101,15 @@ def test_removing_an_unsure_stray_component_wins_and_is_chosen():
     assert adopted and all(t["cases_improved"] == 2 and t["cases_worsened"] == 0 for t in adopted)
 
 
-def test_a_confident_stray_is_never_removed_automatically():
+def test_a_confident_stray_goes_only_as_a_minor_share_of_the_tumour():
+    """A stray the network is sure of (peak 0.99, as the real false positives far from the tumour are)
+    survives the unsure rule; it holds 1/64 of the tumour's probability mass, so the minor rule takes it."""
     predictions = [prediction(f"s{i}", [TUMOUR], [(TUMOUR, 0.99), (STRAY, 0.99)], regions=3) for i in range(2)]
     report = choose_postprocessing(predictions, Config())
-    assert report["chosen"] == settings_of(Config().eval) and report["baseline"]["dice"]["WT"] < 1.0
+    assert report["chosen"]["eval.unsure_component_voxels"] == 0 and report["baseline"]["dice"]["WT"] < 1.0
+    assert 1 / 64 < report["chosen"]["eval.minor_component_share"] and report["result"]["dice"]["WT"] == 1.0
+    alone = choose_postprocessing(predictions, Config(), steps=candidate_steps("brats")[:1])
+    assert alone["chosen"] == settings_of(Config().eval)  # the unsure rule alone never removes it
 
 
 def test_automatic_choice_no_longer_offers_keep_the_largest():
@@ -249,7 +254,7 @@ def test_a_key_given_at_evaluation_overrides_the_stored_choice(tmp_path):
     overridden = evaluate_checkpoint(best, "all", str(tmp_path / "b"), overrides={"eval.largest_component": "false"})
     assert overridden["postprocessing"] == {"eval.largest_component": False, "eval.min_component_voxels": 0,
                                             "eval.unsure_component_voxels": 0, "eval.unsure_component_peak": 0.0,
-                                            "eval.postprocess_et_min": 300}
+                                            "eval.minor_component_share": 0.0, "eval.postprocess_et_min": 300}
 
 
 def test_no_validation_cases_or_switched_off_chooses_nothing(tmp_path):
@@ -260,4 +265,4 @@ def test_no_validation_cases_or_switched_off_chooses_nothing(tmp_path):
 
 @pytest.mark.parametrize("task", ["binary"])
 def test_binary_tasks_search_only_components(task):
-    assert [name for name, _ in candidate_steps(task)] == ["tumour components"]
+    assert [name for name, _ in candidate_steps(task)] == ["tumour components", "minor components"]
