@@ -174,12 +174,12 @@ def summarise_recipe(rows, minutes, regions, steps=()):
 def format_recipe_table(results):
     """One row per recipe: Dice mean ± sd (worst) per region, HD95 means, cases under 0.5 and halved."""
     regions = list(next(iter(results.values()))["dice"])
-    lines = [f"{'recipe':<12}" + "".join(f"{'Dice ' + r + ' (worst)':>24}" for r in regions)
-             + "".join(f"{'HD95 ' + r:>10}" for r in regions) + f"{'<0.5':>6}{'halved':>8}{'cases':>7}{'minutes':>9}"]
+    lines = [f"{'recipe':<12}" + "".join(f"{'Dice ' + r + ' ± sd (worst)':>27}" for r in regions)
+             + "".join(f"{'HD95 ' + r:>13}" for r in regions) + f"{'<0.5':>6}{'halved':>8}{'cases':>7}{'minutes':>9}"]
     for name, r in results.items():
         lines.append(f"{name:<12}" + "".join(f"{r['dice'][g]:>12.3f} ± {r['dice_sd'][g]:.3f} ({r['dice_worst'][g]:.2f})"
                                              for g in regions)
-                     + "".join(f"{r['hd95'][g]:>10.1f}" if g in r["hd95"] else f"{'-':>10}" for g in regions)
+                     + "".join(f"{r['hd95'][g]:>13.1f}" if g in r["hd95"] else f"{'-':>13}" for g in regions)
                      + f"{len(r['under_half']):>6}{len(r['detections_halved']):>8}{r['cases']:>7}{r['minutes']:>9.1f}")
     return "\n".join(lines)
 

@@ -63,7 +63,7 @@ def test_a_tiny_recipe_is_trained_scored_and_tabled(tiny_dataset, tmp_path, monk
         assert {f"raw_{r}_{m}" for r in ("WT", "TC", "ET") for m in ("dice", "sensitivity")} <= set(row)
     assert set(planned["raw_dice"]) == {"WT", "TC", "ET"} and len(planned["steps_per_run"]) == 1
     table = capsys.readouterr().out
-    assert table.splitlines()[0].split()[:4] == ["recipe", "Dice", "WT", "(worst)"]
+    assert table.splitlines()[0].split()[:4] == ["recipe", "Dice", "WT", "±"]
     assert table.splitlines()[1].startswith("planned") and f"{planned['dice']['WT']:.3f}" in table
 
 
