@@ -71,6 +71,9 @@ class DataConfig:
     max_gamma: float = 1.5             # gamma drawn log-uniformly from [1 / max_gamma, max_gamma]
     noise_prob: float = 0.1            # probability of additive Gaussian noise
     noise_std: float = 0.1             # noise std drawn from [0, noise_std] (z-score units)
+    missing_prob: float = 0.0          # probability that a training sample loses some of its sequences: each lost
+                                       # one becomes a copy of data.fill_channel, as datasets fill a missing sequence
+    fill_channel: int = -1             # the sequence a dataset fills missing ones with (Kaggle LGG: 1, FLAIR); -1: off
     folds: int = 0                     # cross-validation: deal the non-test patients into this many folds (0: off)
     fold: str = "all"                  # with data.folds K: the fold validated on, "0".."K-1", or "all" to train
                                        # every fold in turn into RUN/fold_<i> (see docs/evaluation.md)
@@ -382,6 +385,7 @@ def check(cfg, warn=False):
         raise ValueError(f"model.out_channels ({model.out_channels}) must equal the {len(regions)} regions of "
                          f"data.task {data.task} ({', '.join(regions)})")
     check_input_channels(data, model)
+    check_fill_channel(data)
     check_input_size(cfg)
     check_folds(data)
     check_training_length(cfg.train)
@@ -396,6 +400,13 @@ def check_folds(data):
         raise ValueError(f"data.folds {data.folds}: use 0 (no cross-validation) or at least 2 folds")
     if data.folds and data.fold != "all" and data.fold not in {str(i) for i in range(data.folds)}:
         raise ValueError(f"data.fold {data.fold!r}: choose 0..{data.folds - 1} or all (data.folds is {data.folds})")
+
+
+def check_fill_channel(data):
+    """data.missing_prob needs a data.fill_channel among the data.channels sequences."""
+    if data.missing_prob > 0 and not 0 <= data.fill_channel < data.channels:
+        raise ValueError(f"data.missing_prob {data.missing_prob} needs data.fill_channel, the sequence that fills a "
+                         f"missing one: 0..{data.channels - 1} (it is {data.fill_channel})")
 
 
 def check_input_channels(data, model):

@@ -2,12 +2,13 @@ import numpy as np
 import pytest
 import torch
 
-from config import DataConfig
+from config import Config, DataConfig, check
 from transforms.augment import (
     augment,
     random_flip,
     random_gamma,
     random_intensity,
+    random_missing_sequences,
     random_noise,
     random_rot90,
     random_rotate,
@@ -140,6 +141,36 @@ def test_zoom_keeps_image_and_mask_aligned():
     assert zoomed_mask.sum() != mask.sum()
     assert torch.equal((zoomed_image[0] > 2.5), zoomed_mask.bool()) or \
         ((zoomed_image[0] > 2.5) != zoomed_mask.bool()).float().mean() < 0.01
+
+
+def test_missing_sequences_become_copies_of_the_fill_channel_on_every_slice():
+    """A 2.5D sample (3 slices of 3 sequences): the lost sequences are copies of channel 1 in every slice's
+    block, the same ones in each; channel 1 and the sequences kept are untouched."""
+    image = torch.arange(9, dtype=torch.float32).view(9, 1, 1).expand(9, 4, 4).clone()
+    lost_sets = set()
+    for seed in range(20):
+        out = random_missing_sequences(image, torch.Generator().manual_seed(seed), 1.0, 1, 3)
+        blocks, source = out.view(3, 3, 4, 4), image.view(3, 3, 4, 4)
+        assert torch.equal(blocks[:, 1], source[:, 1])
+        lost = tuple(c for c in (0, 2) if torch.equal(blocks[:, c], source[:, 1]))
+        kept = [c for c in (0, 2) if c not in lost]
+        assert lost and all(torch.equal(blocks[:, c], source[:, c]) for c in kept)
+        lost_sets.add(lost)
+    assert lost_sets == {(0,), (2,), (0, 2)}
+
+
+def test_missing_sequences_off_by_default_and_checked():
+    image = torch.randn(4, 6, 6, 6)
+    assert random_missing_sequences(image, torch.Generator().manual_seed(0), 1.0, -1, 4) is image
+    assert random_missing_sequences(image, torch.Generator().manual_seed(0), 0.0, 0, 4) is image
+    cfg = DataConfig(missing_prob=1.0, fill_channel=0, flip_prob=0, rot90_prob=0, rotate_prob=0,
+                     intensity_prob=0, gamma_prob=0, noise_prob=0)
+    out, _ = augment(image, torch.zeros(6, 6, 6, dtype=torch.uint8), torch.Generator().manual_seed(0), cfg)
+    assert any(torch.equal(out[c], image[0]) for c in (1, 2, 3)) and torch.equal(out[0], image[0])
+    bad = Config()
+    bad.data.missing_prob, bad.data.fill_channel = 0.2, 4
+    with pytest.raises(ValueError, match="data.fill_channel"):
+        check(bad)
 
 
 def test_full_augmentation_with_intensity_is_reproducible():

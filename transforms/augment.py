@@ -105,9 +105,26 @@ def random_noise(image, gen, prob, max_std):
     return image + torch.randn(image.shape, generator=gen) * std
 
 
+def random_missing_sequences(image, gen, prob, fill_channel, channels):
+    """With probability prob, a random non-empty set of the sequences other than fill_channel becomes a
+    copy of it, as a dataset hands over a case whose missing sequences it filled (Kaggle LGG fills with
+    FLAIR). A 2.5D image holds one block of `channels` per slice: every slice loses the same sequences."""
+    if fill_channel < 0 or prob <= 0 or torch.rand((), generator=gen) >= prob:
+        return image
+    lost = torch.rand(channels, generator=gen) < 0.5
+    lost[fill_channel] = False
+    if not lost.any():
+        others = [c for c in range(channels) if c != fill_channel]
+        lost[others[int(torch.randint(len(others), (), generator=gen))]] = True
+    blocks = image.reshape(-1, channels, *image.shape[1:]).clone()
+    blocks[:, lost] = blocks[:, fill_channel:fill_channel + 1].clone()
+    return blocks.reshape(image.shape)
+
+
 def augment(image, mask, gen, cfg):
     """Training augmentation (cfg: DataConfig); the same transform goes to image and mask, then
     intensity changes go to the image alone."""
+    image = random_missing_sequences(image, gen, cfg.missing_prob, cfg.fill_channel, cfg.channels)
     image, mask = random_flip(image, mask, gen, cfg.flip_prob)
     image, mask = random_rot90(image, mask, gen, cfg.rot90_prob)
     image, mask = random_rotate(image, mask, gen, cfg.rotate_prob, cfg.max_rotate_deg)
