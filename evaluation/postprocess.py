@@ -79,6 +79,18 @@ def tumour_probability(probs):
     return np.asarray(probs, np.float32).max(0)
 
 
+def tumour_components(labels, probs, key):
+    """(tumour probability, 26-connected tumour components, their count) of a label map and its region
+    probabilities, for the rules that judge components by probability; `key` names the rule in errors."""
+    if probs is None:
+        raise ValueError(f"{key} needs the region probabilities: pass probs")
+    tumour = tumour_probability(probs)
+    if tumour.shape != labels.shape:
+        raise ValueError(f"probabilities of shape {tumour.shape} do not match the label map's {labels.shape}")
+    components, count = ndimage.label(labels > 0, structure=np.ones((3,) * labels.ndim))
+    return tumour, components, count
+
+
 def remove_unsure_tumours(labels, probs, max_voxels, min_peak):
     """Clear, with all its labels, every tumour component (labels > 0) that is both smaller than
     `max_voxels` voxels and whose peak tumour probability (tumour_probability of the region
@@ -89,12 +101,7 @@ def remove_unsure_tumours(labels, probs, max_voxels, min_peak):
     labels = np.array(labels)
     if max_voxels <= 0 or min_peak <= 0:
         return labels
-    if probs is None:
-        raise ValueError("eval.unsure_component_voxels needs the region probabilities: pass probs")
-    tumour = tumour_probability(probs)
-    if tumour.shape != labels.shape:
-        raise ValueError(f"probabilities of shape {tumour.shape} do not match the label map's {labels.shape}")
-    components, count = ndimage.label(labels > 0, structure=np.ones((3,) * labels.ndim))
+    tumour, components, count = tumour_components(labels, probs, "eval.unsure_component_voxels")
     if count == 0:
         return labels
     index = np.arange(1, count + 1)
@@ -113,12 +120,7 @@ def remove_minor_tumours(labels, probs, share):
     labels = np.array(labels)
     if share <= 0:
         return labels
-    if probs is None:
-        raise ValueError("eval.minor_component_share needs the region probabilities: pass probs")
-    tumour = tumour_probability(probs)
-    if tumour.shape != labels.shape:
-        raise ValueError(f"probabilities of shape {tumour.shape} do not match the label map's {labels.shape}")
-    components, count = ndimage.label(labels > 0, structure=np.ones((3,) * labels.ndim))
+    tumour, components, count = tumour_components(labels, probs, "eval.minor_component_share")
     if count <= 1:
         return labels
     index = np.arange(1, count + 1)
